@@ -1,0 +1,155 @@
+"""Checkpoint files -> Flax parameter trees, merged strictly.
+
+Each external format has one pure converter, `convert(tensors) -> tree`, that
+maps a flat `{name: array}` dict (as read from the file) to the nested
+parameter tree of the h2t model. `merge_strict` then compares that tree with
+the tree the model expects and raises one error naming every missing,
+unexpected and mis-shaped parameter.
+
+Readers:
+  * `.pth` / `.pt` / `.bin`: PyTorch state dicts, read without torch
+    (`torch_pickle`).
+  * `.safetensors`: read with `safetensors.numpy`.
+  * `.npz`: numpy archives (the Google ViT checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from h2t.checkpoints import torch_pickle
+
+Tree = Any  # nested dict of arrays
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file is missing, unreadable, or does not fit the model."""
+
+
+def flatten(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  """Flattens a nested dict into `{'a/b/c': leaf}`."""
+  out = {}
+
+  def visit(prefix, node):
+    if isinstance(node, Mapping):
+      for k, v in node.items():
+        visit(f"{prefix}{sep}{k}" if prefix else str(k), v)
+    else:
+      out[prefix] = node
+
+  visit("", tree)
+  return out
+
+
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  """Inverse of `flatten`."""
+  tree: dict[str, Any] = {}
+  for key, value in flat.items():
+    node = tree
+    *parents, leaf = key.split(sep)
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads every tensor of a checkpoint file as `{name: np.ndarray}`.
+
+  The format is chosen by the extension: `.npz`, `.safetensors`, or a PyTorch
+  pickle (`.pth`, `.pt`, `.bin`).
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(
+      f"checkpoint file {path!r} does not exist; see README.md ('Real checkpoints') for where to download it"
+    )
+  ext = os.path.splitext(path)[1].lower()
+  try:
+    if ext == ".npz":
+      with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+    if ext == ".safetensors":
+      from safetensors.numpy import load_file
+
+      return dict(load_file(path))
+    if ext in (".pth", ".pt", ".bin"):
+      return torch_pickle.load(path)
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 -- re-raised with the file name.
+    raise CheckpointError(f"could not read checkpoint {path!r}: {e}") from e
+  raise CheckpointError(
+    f"checkpoint {path!r} has extension {ext!r}; expected one of .npz, .safetensors, .pth, .pt, .bin"
+  )
+
+
+def file_hash(path: str | os.PathLike, length: int = 16) -> str:
+  """Short SHA-256 of a file's bytes: identifies the weights in caches/heads."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()[:length]
+
+
+def merge_strict(
+  loaded: Tree,
+  expected: Tree,
+  *,
+  source: str,
+  replaceable: tuple[str, ...] = (),
+) -> Tree:
+  """Checks a converted tree against the model's and returns it as numpy.
+
+  Args:
+    loaded: the tree converted from the checkpoint file.
+    expected: the tree the model expects (arrays or `jax.ShapeDtypeStruct`s,
+      e.g. from `jax.eval_shape(model.init, ...)`).
+    source: the file name, for messages.
+    replaceable: flat-key prefixes (e.g. `('head/',)`) that may differ in shape
+      from the checkpoint: they are reset to zeros of the model's shape and a
+      warning is logged. Used for a classification head of another size.
+
+  Returns:
+    A nested dict with the structure of `expected` holding float32 numpy arrays.
+
+  Raises:
+    CheckpointError: listing every missing, unexpected and mis-shaped key.
+  """
+  flat_loaded = flatten(loaded)
+  flat_expected = flatten(expected)
+  missing = sorted(set(flat_expected) - set(flat_loaded))
+  unexpected = sorted(set(flat_loaded) - set(flat_expected))
+  misshaped, replaced = [], []
+  merged = {}
+  for key, want in flat_expected.items():
+    if key not in flat_loaded:
+      continue
+    have = np.asarray(flat_loaded[key])
+    if tuple(have.shape) != tuple(want.shape):
+      if any(key.startswith(p) for p in replaceable):
+        replaced.append(f"{key}: {tuple(have.shape)} -> {tuple(want.shape)}")
+        merged[key] = np.zeros(want.shape, np.float32)
+        continue
+      misshaped.append(f"{key}: checkpoint {tuple(have.shape)}, model {tuple(want.shape)}")
+      continue
+    merged[key] = have.astype(np.float32, copy=False)
+  if missing or unexpected or misshaped:
+    lines = [f"checkpoint {source!r} does not match the model:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+      if items:
+        lines.append(f"  {title} ({len(items)}):")
+        lines.extend(f"    {item}" for item in items)
+    lines.append("Is this the checkpoint of the backbone named in the config?")
+    raise CheckpointError("\n".join(lines))
+  if replaced:
+    from absl import logging
+
+    logging.warning("%s: replaced parameters of another shape: %s", source, "; ".join(replaced))
+  return unflatten(merged)

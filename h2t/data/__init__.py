@@ -1,0 +1,29 @@
+"""Tasks: `get_task(name)` -> `h2t.data.base.Task`, offline sources and VTAB-1k."""
+
+from __future__ import annotations
+
+from h2t.data import base, local, vtab
+from h2t.data.base import Task, fold_indices
+
+__all__ = ["Task", "fold_indices", "get_task", "task_names"]
+
+
+def task_names() -> tuple[str, ...]:
+  return local.NAMES + tuple(vtab.TASKS)
+
+
+def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str | None = None) -> base.Task:
+  """Returns the named task.
+
+  Args:
+    name: an offline task ('digits', 'fashion_mnist') or a VTAB-1k task.
+    data_dir: TFDS data directory (None: TFDS's default).
+    fashion_mnist_dir: folder of Fashion-MNIST IDX files, the offline source.
+  """
+  if name == "digits":
+    return local.load_digits()
+  if name == "fashion_mnist":
+    return local.load_fashion_mnist(data_dir=data_dir, idx_dir=fashion_mnist_dir)
+  if name in vtab.TASKS:
+    return vtab.load(name, data_dir=data_dir)
+  raise ValueError(f"unknown task {name!r}; expected one of {', '.join(task_names())}")

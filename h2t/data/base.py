@@ -1,0 +1,104 @@
+"""The one kind of task every part of h2t sees.
+
+A task has a fixed number of classes and named splits. The VTAB-1k splits are
+'train800', 'val200', 'train800val200' (the 1000 training images: the first
+800 are 'train800', the last 200 'val200') and 'test'. Cross-validation folds
+are index ranges of 'train800val200' (see `fold_indices`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+
+TRAIN_SPLITS = ("train800", "val200", "train800val200")
+NUM_FOLDS = 5
+
+# (images [b, h, w, 3] pixels in [0, 255] (uint8 or float32), labels int32 [b])
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A classification task with named splits, read batch by batch.
+
+  Attributes:
+    name: the task name, as in the config.
+    num_classes: labels lie in [0, num_classes).
+    split_sizes: split name -> number of examples.
+    read: `read(split, batch_size, image_size) -> Iterator[Batch]`, in a fixed
+      order; the last batch may be smaller. Images come either at
+      `image_size` or at the source's own fixed size (the backbone resizes on
+      the device either way, bilinearly).
+  """
+
+  name: str
+  num_classes: int
+  split_sizes: Mapping[str, int]
+  read: Callable[[str, int, int], Iterator[Batch]]
+
+  def batches(self, split: str, batch_size: int, *, image_size: int) -> Iterator[Batch]:
+    """Yields `(images, labels)` batches of `split` in a fixed order."""
+    self.check_split(split)
+    return self.read(split, batch_size, image_size)
+
+  def size(self, split: str) -> int:
+    self.check_split(split)
+    return self.split_sizes[split]
+
+  def check_split(self, split: str) -> None:
+    if split not in self.split_sizes:
+      raise ValueError(
+        f"task {self.name!r} has no split {split!r}; expected one of {', '.join(self.split_sizes)}"
+      )
+
+  def arrays(self, split: str, *, image_size: int, batch_size: int = 256) -> Batch:
+    """The whole split in memory: `(images [n, h, w, 3], labels [n])`."""
+    images, labels = zip(*self.batches(split, batch_size, image_size=image_size))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def fold_indices(fold: int, n: int = 1000, num_folds: int = NUM_FOLDS) -> tuple[np.ndarray, np.ndarray]:
+  """Train and validation indices of one cross-validation fold.
+
+  As in the reference, fold `i` validates on examples `[200 i, 200 (i + 1))` of
+  the 1000 training images and trains on the other 800.
+
+  Returns:
+    `(train_idx [n - n // num_folds], valid_idx [n // num_folds])`, int32.
+  """
+  if not 0 <= fold < num_folds:
+    raise ValueError(f"fold {fold} is outside [0, {num_folds})")
+  size = n // num_folds
+  valid = np.arange(fold * size, (fold + 1) * size, dtype=np.int32)
+  train = np.concatenate([np.arange(0, fold * size), np.arange((fold + 1) * size, n)]).astype(np.int32)
+  return train, valid
+
+
+def array_task(name: str, num_classes: int, splits: Mapping[str, Batch]) -> Task:
+  """A task whose splits are in-memory arrays `{split: (images, labels)}`."""
+  for split, (images, labels) in splits.items():
+    if len(images) != len(labels):
+      raise ValueError(f"{name}/{split}: {len(images)} images but {len(labels)} labels")
+
+  def read(split: str, batch_size: int, image_size: int) -> Iterator[Batch]:
+    del image_size  # the backbone resizes on the device
+    images, labels = splits[split]
+    for start in range(0, len(labels), batch_size):
+      yield images[start : start + batch_size], labels[start : start + batch_size]
+
+  return Task(name, num_classes, {k: len(v[1]) for k, v in splits.items()}, read)
+
+
+def vtab1k_splits(images: np.ndarray, labels: np.ndarray, test: Batch) -> dict[str, Batch]:
+  """VTAB-1k splits from 1000 ordered training examples and a test set."""
+  if len(labels) != 1000:
+    raise ValueError(f"VTAB-1k needs exactly 1000 training examples, got {len(labels)}")
+  return {
+    "train800": (images[:800], labels[:800]),
+    "val200": (images[800:], labels[800:]),
+    "train800val200": (images, labels),
+    "test": test,
+  }

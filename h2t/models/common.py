@@ -1,0 +1,50 @@
+"""What every backbone module provides to `h2t.backbones`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# Inputs scaled to [-1, 1]: the Google ViT / BiT checkpoints.
+MINUS_ONE_ONE_MEAN = (127.5, 127.5, 127.5)
+MINUS_ONE_ONE_STD = (127.5, 127.5, 127.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+  """Per-channel `(pixel - mean) / std`, with pixels in [0, 255]."""
+
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+
+
+IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)
+MINUS_ONE_ONE = Normalization(MINUS_ONE_ONE_MEAN, MINUS_ONE_ONE_STD)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """A model module with its parameters, as a checkpoint loader returns it.
+
+  Attributes:
+    module: Flax module; `module.apply({'params': params}, x)` with
+      `x: [n, input_size, input_size, 3]` float32 returns `(logits, taps)`,
+      `taps` a flat dict `{tap_name: activation}`.
+    params: the parameter tree (numpy or jax arrays).
+    input_size: square input resolution in pixels.
+    normalization: how raw [0, 255] pixels are mapped to the model's inputs.
+    tap_names: every tap, in network order.
+    checkpoint_id: identifies the weights (file name + content hash), for
+      caches and saved heads.
+  """
+
+  module: nn.Module
+  params: Any
+  input_size: int
+  normalization: Normalization
+  tap_names: tuple[str, ...]
+  checkpoint_id: str
