@@ -29,7 +29,8 @@ _LOADERS: dict[str, Callable[..., common.LoadedModel]] = {
 NAMES = tuple(_LOADERS)
 
 
-@dataclasses.dataclass(frozen=True)
+# eq=False: hashed by identity, so a Backbone can be a static argument of jax.jit.
+@dataclasses.dataclass(frozen=True, eq=False)
 class Backbone:
   """A frozen pretrained network with named intermediate outputs (taps).
 

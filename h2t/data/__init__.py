@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from h2t.data import base, local, vtab
-from h2t.data.base import Task, fold_indices
+from h2t.data.base import Task, balanced_subset_indices, fold_indices
 
-__all__ = ["Task", "fold_indices", "get_task", "task_names"]
+__all__ = ["Task", "balanced_subset_indices", "fold_indices", "get_task", "task_names"]
 
 
 def task_names() -> tuple[str, ...]:

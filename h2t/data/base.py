@@ -64,7 +64,11 @@ def fold_indices(fold: int, n: int = 1000, num_folds: int = NUM_FOLDS) -> tuple[
   """Train and validation indices of one cross-validation fold.
 
   As in the reference, fold `i` validates on examples `[200 i, 200 (i + 1))` of
-  the 1000 training images and trains on the other 800.
+  the 1000 training images and trains on the other 800. h2t folds the 1000
+  images of 'train800val200' (read in order: train800, then val200), so the
+  last fold is VTAB's own train800 -> val200 split. The reference folds the
+  TFDS split 'train[:1000]' instead (VTAB tasks also offer it, as split
+  'train1000'); see h2t/data/vtab.py.
 
   Returns:
     `(train_idx [n - n // num_folds], valid_idx [n // num_folds])`, int32.
@@ -102,3 +106,33 @@ def vtab1k_splits(images: np.ndarray, labels: np.ndarray, test: Batch) -> dict[s
     "train800val200": (images, labels),
     "test": test,
   }
+
+
+def balanced_subset_indices(labels: np.ndarray, num_classes: int, fraction: float) -> np.ndarray:
+  """The reference's `data_fraction`: a balanced k-shot subset, deterministic.
+
+  k = max(int(1000 * fraction / num_classes), 1). Walking `labels` in order,
+  an example is kept while its class has fewer than k kept examples, so each
+  class keeps its first k examples (all of them if it has fewer). A fraction
+  of 1 keeps everything, as the reference subsets only when it is not 1.
+
+  Args:
+    labels: int [n], in [0, num_classes), in the split's order.
+    num_classes: number of classes of the task.
+    fraction: in (0, 1].
+
+  Returns:
+    int32 [m] increasing indices into `labels`.
+  """
+  labels = np.asarray(labels)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"data fraction {fraction} is outside (0, 1]")
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f"labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes})")
+  if fraction == 1.0:
+    return np.arange(len(labels), dtype=np.int32)
+  k = max(int(1000 * fraction / num_classes), 1)
+  # rank[i]: how many earlier examples share example i's class.
+  same_class = labels[:, None] == np.arange(num_classes)[None, :]
+  rank = np.cumsum(same_class, axis=0)[np.arange(len(labels)), labels] - 1
+  return np.flatnonzero(rank < k).astype(np.int32)

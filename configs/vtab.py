@@ -1,0 +1,76 @@
+"""Head2Toe on one task. `get_config()` is the offline default.
+
+    python -m h2t.main --config=configs/vtab.py --workdir=/tmp/h2t
+    python -m h2t.main --config=configs/vtab.py --workdir=/tmp/h2t \
+        --config.dataset=fashion_mnist \
+        --config.learning.feature_selection.keep_fraction=0.05
+
+Option names follow google-research/head2toe (configs_eval/finetune*.py), so
+its commands translate one to one: `additional_features_target_size`,
+`learning.feature_selection.keep_fraction`,
+`learning.feature_selection.learning_config_overwrite.group_lrp_regularizer_coef`,
+`learning.learning_rate`, `learning.training_steps`, ...
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The offline default: EfficientNet-Lite0 (ImageNet) on scikit-learn's digits."""
+  if arg:
+    raise ValueError(f"configs/vtab.py takes no argument, got {arg!r}")
+  config = ml_collections.ConfigDict()
+  # Task: 'digits' or 'fashion_mnist' (offline), or a VTAB-1k task name.
+  config.dataset = "digits"
+  config.data_dir = ""  # TFDS data directory; '' uses TFDS's default.
+  config.fashion_mnist_dir = ""  # Fashion-MNIST IDX files; '' uses /usr/share/datasets/fashion-mnist.
+  # 'test': train on the 1000 training images, report test accuracy.
+  # 'valid': mean accuracy over the reference's 5 folds of the 1000 images.
+  config.eval_mode = "test"
+  config.seed = 8  # The reference's seed.
+  # Methods run side by side on the same features: 'head2toe' and/or 'linear'
+  # (the `pre_logits` tap alone, same trainer, no selection).
+  config.methods = ("head2toe", "linear")
+
+  config.backbone = ml_collections.ConfigDict()
+  config.backbone.name = "efficientnet_lite0"  # efficientnet_lite0 | resnet50 | vit_b16
+  config.backbone.checkpoint = ""  # '' uses the backbone's default (packaged) weights.
+  config.backbone.input_size = 0  # 0 runs at the checkpoint's resolution.
+  # Taps to use: 'all' (every tap, network order) or a comma-separated list.
+  config.backbone.additional_features = "all"
+  config.backbone.include_input = False  # Also use the (pooled) input image.
+  # Each tap is average-pooled to about this many features (0: use pool_size).
+  config.backbone.additional_features_target_size = 1024
+  config.backbone.additional_features_pool_size = 0  # Used when target size is 0; 0 = global.
+  config.backbone.cls_token_pool = "normal"  # normal | only_cls | nopool_cls (token taps).
+  config.backbone.batch_size = 64  # Images per extraction forward pass.
+
+  config.learning = ml_collections.ConfigDict()
+  config.learning.optimizer = "adam"  # adam | sgd (momentum 0.9)
+  config.learning.learning_rate = 0.1
+  config.learning.grad_clip_value = -1.0  # Applied when positive.
+  config.learning.l1_regularizer = 0.0
+  config.learning.l2_regularizer = 0.0
+  config.learning.group_lrp_regularizer_coef = 0.0  # ℓ2,1 coefficient of the final head.
+  config.learning.group_lrp_regularizer_r = 2.0  # Inner norm order (or 'inf').
+  config.learning.group_lrp_regularizer_p = 1.0  # Outer norm order (or 'inf').
+  config.learning.group_lrp_is_embedding = False  # Groups are whole taps, not features.
+  config.learning.training_steps = 500
+  config.learning.use_cosine_decay = True
+  config.learning.train_batch_size = 128
+  config.learning.eval_batch_size = 50
+  config.learning.feature_normalization = "unit_vector"  # unit_vector | per_feature | ''
+  config.learning.output_head_zeroinit = False
+
+  fs = config.learning.feature_selection = ml_collections.ConfigDict()
+  # connectivity_l2 (the paper's), connectivity_l1, connectivity_linf,
+  # connectivity_l2layer, or none (no selection).
+  fs.type = "connectivity_l2"
+  fs.keep_fraction = 0.1  # Fraction of all features kept.
+  fs.keep_fraction_offset = 0  # Skip the k best features (an ablation).
+  fs.mean_interpolation_coef = 0.0  # Pull scores toward their tap's mean.
+  fs.average_over_k = 1  # Average the scores of k selection runs.
+  fs.is_overwrite = True  # Selection run uses learning_config_overwrite.
+  fs.learning_config_overwrite = ml_collections.ConfigDict()
+  fs.learning_config_overwrite.group_lrp_regularizer_coef = 1e-4
+  return config

