@@ -5,11 +5,17 @@ from __future__ import annotations
 from h2t.data import base, local, vtab
 from h2t.data.base import Task, balanced_subset_indices, fold_indices
 
-__all__ = ["Task", "balanced_subset_indices", "fold_indices", "get_task", "task_names"]
+__all__ = ["Task", "balanced_subset_indices", "check_task_name", "fold_indices", "get_task", "task_names"]
 
 
 def task_names() -> tuple[str, ...]:
   return local.NAMES + tuple(vtab.TASKS)
+
+
+def check_task_name(name: str) -> None:
+  """Raises ValueError, listing the valid names, if `name` is no known task."""
+  if name not in task_names():
+    raise ValueError(f"unknown task {name!r}; expected one of {', '.join(task_names())}")
 
 
 def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str | None = None) -> base.Task:
@@ -26,4 +32,5 @@ def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str |
     return local.load_fashion_mnist(data_dir=data_dir, idx_dir=fashion_mnist_dir)
   if name in vtab.TASKS:
     return vtab.load(name, data_dir=data_dir)
-  raise ValueError(f"unknown task {name!r}; expected one of {', '.join(task_names())}")
+  check_task_name(name)
+  raise AssertionError(name)  # unreachable: check_task_name raised
