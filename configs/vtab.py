@@ -28,8 +28,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'valid': mean accuracy over the reference's 5 folds of the 1000 images.
   config.eval_mode = "test"
   config.seed = 8  # The reference's seed.
-  # Methods run side by side on the same features: 'head2toe' and/or 'linear'
-  # (the `pre_logits` tap alone, same trainer, no selection).
+  # The grid searched by 5-fold CV: `path=v1,v2;path=v1,v2` over learning.* and
+  # backbone.* fields (see h2t/grid.py). '' = no search, the values above.
+  config.sweep = (
+    "learning.feature_selection.learning_config_overwrite.group_lrp_regularizer_coef=1e-3,1e-4,1e-5;"
+    "learning.feature_selection.keep_fraction=0.01,0.05,0.1,0.2"
+  )
+  config.cache_dir = ""  # Pooled-feature cache; '' = WORKDIR/cache.
+  # Methods run side by side on the same features (h2t/evaluate.py METHODS):
+  # head2toe, linear (`pre_logits` alone, same trainer), all_features (every
+  # tap, no selection, the configured penalties), ridge, finetune.
   config.methods = ("head2toe", "linear")
 
   config.backbone = ml_collections.ConfigDict()
@@ -61,10 +69,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.learning.eval_batch_size = 50
   config.learning.feature_normalization = "unit_vector"  # unit_vector | per_feature | ''
   config.learning.output_head_zeroinit = False
+  # Method 'finetune': its learning rate and steps are these multiples of the above.
+  config.learning.finetune_lr_multiplier = 1.0
+  config.learning.finetune_steps_multiplier = 1.0
 
   fs = config.learning.feature_selection = ml_collections.ConfigDict()
   # connectivity_l2 (the paper's), connectivity_l1, connectivity_linf,
-  # connectivity_l2layer, or none (no selection).
+  # connectivity_l2layer; data scores: random, variance, sklearn_chi2,
+  # sklearn_f_classif, sklearn_mutual_info_classif, sklearn_trees; or none.
   fs.type = "connectivity_l2"
   fs.keep_fraction = 0.1  # Fraction of all features kept.
   fs.keep_fraction_offset = 0  # Skip the k best features (an ablation).

@@ -26,10 +26,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from h2t import backbones, data, features, head2toe
+from h2t import backbones, data, features, grid, head2toe
 from h2t.data import base
 
-METHODS = ("head2toe", "linear")
+# head2toe: selection from every tap. linear: `pre_logits` alone, same trainer.
+# all_features: every tap, no selection, with the configured L1/L2/group
+# penalties (the paper's regularisation baselines). ridge: closed-form ridge
+# regression on every tap (big_vision's few-shot probe). finetune: the whole
+# backbone and a linear head on `pre_logits`, trained end to end.
+METHODS = ("head2toe", "linear", "all_features", "ridge", "finetune")
+# Methods whose hyperparameters the CV grid searches (ridge picks its own
+# regularisation; fine-tuning is far too costly to repeat per grid point).
+GRID_METHODS = ("head2toe", "linear", "all_features")
 EVAL_MODES = ("test", "valid")
 LINEAR_TAP = "pre_logits"
 CACHE_VERSION = 1
@@ -126,12 +134,10 @@ def _write_cache(path: str, feats: dict[str, np.ndarray], labels: np.ndarray) ->
   head2toe.atomic_savez(path, arrays)
 
 
-def train_features(backbone, task, taps, config, workdir) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
+def train_features(backbone, task, taps, config, cache_dir) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
   """Pooled features of the 1000 training images, from the cache when valid."""
   bcfg = config.backbone
-  path = os.path.join(
-    workdir, "cache", _cache_key(backbone, task.name, "train800val200", taps, bcfg) + ".npz"
-  )
+  path = os.path.join(cache_dir, _cache_key(backbone, task.name, "train800val200", taps, bcfg) + ".npz")
   cached = _read_cache(path)
   if cached is not None:
     logging.info("read training features from %s", path)
@@ -150,40 +156,132 @@ def train_features(backbone, task, taps, config, workdir) -> tuple[dict[str, np.
   return feats, labels, False
 
 
-def _fit(method: str, feats, labels, config, num_classes: int, meta) -> head2toe.Head:
-  learning = config.learning
-  if method == "linear":
-    learning = ml_collections.ConfigDict(learning.to_dict())
-    learning.feature_selection.type = "none"
-    feats = {LINEAR_TAP: feats[LINEAR_TAP]}
-  return head2toe.fit(feats, labels, learning, seed=int(config.seed), num_classes=num_classes, meta=meta)
+def _feature_key(cfg: ml_collections.ConfigDict) -> str:
+  """The backbone settings that change the pooled features."""
+  b = cfg.backbone
+  keys = (
+    "additional_features",
+    "include_input",
+    "additional_features_target_size",
+    "additional_features_pool_size",
+    "cls_token_pool",
+  )
+  return json.dumps({k: b[k] for k in keys}, sort_keys=True)
+
+
+def _method_learning(method: str, learning: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Every method but head2toe trains without selection."""
+  if method == "head2toe":
+    return learning
+  plain = ml_collections.ConfigDict(learning.to_dict())
+  plain.feature_selection.type = "none"
+  return plain
+
+
+def _method_features(method: str, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {LINEAR_TAP: feats[LINEAR_TAP]} if method in ("linear", "finetune") else feats
+
+
+def fit_ridge(feats, labels, config, num_classes: int, meta) -> head2toe.Head:
+  """Ridge regression on all taps (normalised as configured), its L2 picked by CV."""
+  from h2t import ridge
+
+  taps = list(feats)
+  x, stats = head2toe.normalize(feats, taps, config.learning.feature_normalization)
+  l2_reg, _ = ridge.select_l2_reg(x, labels, num_classes=num_classes, seed=int(config.seed))
+  params = ridge.fit(x, labels, num_classes=num_classes, l2_reg=l2_reg)
+  kept = {t: np.arange(feats[t].shape[1], dtype=np.int32) for t in taps}
+  meta = dict(meta, num_classes=num_classes, ridge_l2_reg=l2_reg, final_train_loss=float("nan"))
+  return head2toe.Head(kept, params, config.learning.feature_normalization, stats, meta)
+
+
+def cross_validate_grid(
+  method: str, points, feats_by_key, labels, config, num_classes
+) -> list[dict[str, Any]]:
+  """5-fold CV accuracy of every grid point for one method.
+
+  Points that share features and a program run together (`run_grid`); for
+  the linear baseline, points that differ only in selection options are run
+  once.
+  """
+  entries: list[dict[str, Any]] = []
+  by_features: dict[str, list[int]] = {}
+  for i, (_, cfg) in enumerate(points):
+    by_features.setdefault(_feature_key(cfg) if method == "head2toe" else "", []).append(i)
+  acc = np.zeros((len(points), base.NUM_FOLDS))
+  for members in by_features.values():
+    feats = feats_by_key[_feature_key(points[members[0]][1])]
+    prep = head2toe.prepare(_method_features(method, feats))
+    learnings = [_method_learning(method, points[i][1].learning) for i in members]
+    # Identical learning configs (e.g. linear under a keep-fraction sweep) run once.
+    distinct = list(dict.fromkeys(json.dumps(lr.to_dict(), sort_keys=True, default=str) for lr in learnings))
+    firsts = [
+      next(lr for lr in learnings if json.dumps(lr.to_dict(), sort_keys=True, default=str) == d)
+      for d in distinct
+    ]
+    got = head2toe.cross_validate(prep, labels, firsts, seed=int(config.seed), num_classes=num_classes)
+    for i, lr in zip(members, learnings, strict=True):
+      acc[i] = got[distinct.index(json.dumps(lr.to_dict(), sort_keys=True, default=str))]
+  for i, (overrides, _) in enumerate(points):
+    entries.append({"point": overrides, "fold_accuracies": acc[i].tolist(), "mean": float(acc[i].mean())})
+  return entries
 
 
 def stream_test(backbone, task, heads: dict[str, head2toe.Head], config) -> dict[str, float]:
   """Test accuracy of each head, batch by batch: images -> taps -> kept features -> logits.
 
-  Only the taps some head kept are pooled, and no batch outlives its step, so
-  memory does not grow with the test set.
+  Heads are grouped by their pooling settings (`head.meta`); each group reads
+  the test set once, pools only the taps its heads kept, and no batch
+  outlives its step, so memory does not grow with the test set.
   """
-  bcfg = config.backbone
-  taps = [t for t in ("input",) + backbone.tap_names if any(t in h.kept for h in heads.values())]
+  groups: dict[tuple, dict[str, head2toe.Head]] = {}
+  for name, head in heads.items():
+    m = head.meta
+    settings = (m["target_size"], m["pool_size"], m["cls_token_pool"])
+    if set(head.kept) <= {LINEAR_TAP}:  # a 2-D tap: pooling settings do not matter
+      settings = next(iter(groups), settings)
+    groups.setdefault(settings, {})[name] = head
   correct = dict.fromkeys(heads, 0)
   n = 0
-  batch_size = int(bcfg.batch_size)
-  for feats, labels in features.extract_batches(
-    backbone,
-    task.batches("test", batch_size, image_size=backbone.input_size),
-    taps=taps,
-    target_size=int(bcfg.additional_features_target_size),
-    batch_size=batch_size,
-    cls_token_pool=bcfg.cls_token_pool,
-    pool_size=int(bcfg.additional_features_pool_size),
-    total=task.size("test"),
-  ):
-    for name, head in heads.items():
-      correct[name] += int((head.predict(feats).argmax(-1) == labels).sum())
-    n += len(labels)
+  batch_size = int(config.backbone.batch_size)
+  for (target_size, pool_size, cls_pool), members in groups.items():
+    taps = [t for t in ("input",) + backbone.tap_names if any(t in h.kept for h in members.values())]
+    n = 0
+    for feats, labels in features.extract_batches(
+      backbone,
+      task.batches("test", batch_size, image_size=backbone.input_size),
+      taps=taps,
+      target_size=target_size,
+      batch_size=batch_size,
+      cls_token_pool=cls_pool,
+      pool_size=pool_size,
+      total=task.size("test"),
+    ):
+      for name, head in members.items():
+        correct[name] += int((head.predict(feats).argmax(-1) == labels).sum())
+      n += len(labels)
   return {name: c / n for name, c in correct.items()}
+
+
+def _run_finetune(backbone, task, labels, cfg, config) -> dict[str, Any]:
+  """Full fine-tuning baseline: backbone + head on `pre_logits`, then streamed test."""
+  from h2t import finetune
+
+  images, train_labels = task.arrays("train800val200", image_size=backbone.input_size)
+  learning = _method_learning("finetune", cfg.learning)
+  backbone_params, head_params, losses = finetune.fit(
+    backbone, images, train_labels, learning, seed=int(config.seed), num_classes=task.num_classes
+  )
+  acc = finetune.evaluate(
+    backbone,
+    backbone_params,
+    head_params,
+    task,
+    batch_size=int(config.backbone.batch_size),
+    normalization=learning.feature_normalization,
+  )
+  n_backbone = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(backbone_params))
+  return {"test_accuracy": acc, "final_train_loss": float(losses[-1]), "trainable_parameters": n_backbone}
 
 
 def _kept_per_tap(head: head2toe.Head, tap_sizes: dict[str, int]) -> dict[str, int]:
@@ -203,12 +301,18 @@ def _peak_rss_mib() -> float:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict[str, Any]:
-  """Runs the configured methods on one task and writes the workdir.
+  """Runs the protocol on one task and writes the workdir.
+
+  eval_mode 'valid': 5-fold CV accuracy of every grid point (`config.sweep`).
+  eval_mode 'test': the same CV picks each method's grid point (best mean
+  fold accuracy, the first on ties; skipped when the grid has one point),
+  which is then trained on all 1000 images and tested on the test split.
 
   Returns:
     The results dict written to `workdir/results.json`.
   """
   validate(config)
+  points = grid.points(config)
   os.makedirs(workdir, exist_ok=True)
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
@@ -220,76 +324,119 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
   task = data.get_task(
     config.dataset, data_dir=config.data_dir or None, fashion_mnist_dir=config.fashion_mnist_dir or None
   )
-  taps = resolve_taps(backbone, config.backbone)
   timings["load"] = time.perf_counter() - t0
   logging.info(
-    "backbone %s (%s) at %d px, %d taps; task %s, %d classes",
+    "backbone %s (%s) at %d px; task %s, %d classes; %d grid point(s)",
     backbone.name,
     backbone.checkpoint_id,
     backbone.input_size,
-    len(taps),
     task.name,
     task.num_classes,
+    len(points),
   )
 
+  # Training features: one extraction per distinct pooling setting, cached.
   t0 = time.perf_counter()
-  feats, labels, from_cache = train_features(backbone, task, taps, config, workdir)
+  feats_by_key: dict[str, dict[str, np.ndarray]] = {}
+  cached_all, labels, extracted = True, None, 0
+  for _, cfg in points:
+    key = _feature_key(cfg)
+    if key in feats_by_key:
+      continue
+    taps = resolve_taps(backbone, cfg.backbone)
+    feats, labels, cached = train_features(
+      backbone, task, taps, cfg, config.cache_dir or os.path.join(workdir, "cache")
+    )
+    feats_by_key[key] = feats
+    cached_all &= cached
+    extracted += 0 if cached else len(labels)
   timings["extract_train"] = time.perf_counter() - t0
   n_train = len(labels)
-  tap_sizes = {t: int(feats[t].shape[1]) for t in taps}
+  first = feats_by_key[_feature_key(points[0][1])]
+  tap_sizes = {t: int(v.shape[1]) for t, v in first.items()}
   logging.info(
-    "%d training images, %d features over %d taps%s",
-    n_train,
-    sum(tap_sizes.values()),
-    len(taps),
-    " (cached)" if from_cache else "",
+    "%d training images, %d features over %d taps", n_train, sum(tap_sizes.values()), len(tap_sizes)
   )
-  meta = {
-    "backbone": backbone.name,
-    "checkpoint_id": backbone.checkpoint_id,
-    "input_size": backbone.input_size,
-    "task": task.name,
-    "target_size": int(config.backbone.additional_features_target_size),
-    "pool_size": int(config.backbone.additional_features_pool_size),
-    "cls_token_pool": config.backbone.cls_token_pool,
-  }
+
   methods = tuple(config.methods)
   results: dict[str, Any] = {
     "config": config.to_dict(),
     "task": task.name,
     "num_classes": task.num_classes,
+    "eval_mode": config.eval_mode,
     "backbone": {
       "name": backbone.name,
       "checkpoint_id": backbone.checkpoint_id,
       "input_size": backbone.input_size,
     },
-    "taps": list(taps),
+    "taps": list(tap_sizes),
     "tap_sizes": tap_sizes,
     "num_features": sum(tap_sizes.values()),
-    "train_features_cached": from_cache,
+    "train_features_cached": cached_all,
+    "num_grid_points": len(points),
     "methods": {},
+    "grid": {},
   }
-  if not from_cache:
-    results["extract_images_per_s"] = n_train / timings["extract_train"]
+  if extracted:
+    results["extract_images_per_s"] = extracted / timings["extract_train"]
 
-  if config.eval_mode == "valid":
-    for method in methods:
-      accs = []
+  do_cv = config.eval_mode == "valid" or len(points) > 1
+  chosen: dict[str, int] = dict.fromkeys(methods, 0)
+  if do_cv:
+    for method in [m for m in methods if m in GRID_METHODS]:
       t0 = time.perf_counter()
-      for fold in range(base.NUM_FOLDS):
-        tr, va = base.fold_indices(fold, n_train)
-        head = _fit(method, {t: f[tr] for t, f in feats.items()}, labels[tr], config, task.num_classes, meta)
-        accs.append(
-          float((head.predict({t: f[va] for t, f in feats.items()}).argmax(-1) == labels[va]).mean())
-        )
-      timings[f"fit_{method}"] = time.perf_counter() - t0
-      results["methods"][method] = {"fold_accuracies": accs, "valid_accuracy": float(np.mean(accs))}
-      logging.info("%s: mean fold accuracy %.4f (%s)", method, np.mean(accs), np.round(accs, 4).tolist())
-  else:
+      entries = cross_validate_grid(method, points, feats_by_key, labels, config, task.num_classes)
+      timings[f"cv_{method}"] = time.perf_counter() - t0
+      results["grid"][method] = entries
+      chosen[method] = int(np.argmax([e["mean"] for e in entries]))
+      logging.info(
+        "%s: CV over %d points x %d folds in %.1fs; best %s (%.4f)",
+        method,
+        len(points),
+        base.NUM_FOLDS,
+        timings[f"cv_{method}"],
+        entries[chosen[method]]["point"],
+        entries[chosen[method]]["mean"],
+      )
+      results["methods"][method] = {
+        "chosen_point": entries[chosen[method]]["point"],
+        "valid_accuracy": entries[chosen[method]]["mean"],
+        "fold_accuracies": entries[chosen[method]]["fold_accuracies"],
+      }
+
+  if config.eval_mode == "test":
     heads = {}
     for method in methods:
+      _, cfg = points[chosen[method]]
+      feats = feats_by_key[_feature_key(cfg)]
+      meta = {
+        "backbone": backbone.name,
+        "checkpoint_id": backbone.checkpoint_id,
+        "input_size": backbone.input_size,
+        "task": task.name,
+        "target_size": int(cfg.backbone.additional_features_target_size),
+        "pool_size": int(cfg.backbone.additional_features_pool_size),
+        "cls_token_pool": cfg.backbone.cls_token_pool,
+        "grid_point": points[chosen[method]][0],
+      }
       t0 = time.perf_counter()
-      heads[method] = _fit(method, feats, labels, config, task.num_classes, meta)
+      if method == "finetune":
+        results["methods"][method] = _run_finetune(backbone, task, labels, cfg, config)
+        timings["finetune"] = time.perf_counter() - t0
+        continue
+      if method == "ridge":
+        heads[method] = fit_ridge(feats, labels, cfg, task.num_classes, meta)
+        timings[f"fit_{method}"] = time.perf_counter() - t0
+        heads[method].save(os.path.join(workdir, f"head_{method}.npz"))
+        continue
+      heads[method] = head2toe.fit(
+        _method_features(method, feats),
+        labels,
+        _method_learning(method, cfg.learning),
+        seed=int(config.seed),
+        num_classes=task.num_classes,
+        meta=meta,
+      )
       timings[f"fit_{method}"] = time.perf_counter() - t0
       heads[method].save(os.path.join(workdir, f"head_{method}.npz"))
     t0 = time.perf_counter()
@@ -297,24 +444,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
     timings["test"] = time.perf_counter() - t0
     results["test_images_per_s"] = task.size("test") / timings["test"]
     for method, head in heads.items():
-      results["methods"][method] = {
-        "test_accuracy": test_acc[method],
-        "num_kept": head.num_features,
-        "kept_per_tap": _kept_per_tap(head, tap_sizes),
-        "head_file": f"head_{method}.npz",
-        "head_bytes": os.path.getsize(os.path.join(workdir, f"head_{method}.npz")),
-        "final_train_loss": head.meta["final_train_loss"],
+      sizes = {
+        t: int(v.shape[1])
+        for t, v in _method_features(method, feats_by_key[_feature_key(points[chosen[method]][1])]).items()
       }
+      results["methods"].setdefault(method, {}).update(
+        {
+          "test_accuracy": test_acc[method],
+          "chosen_point": points[chosen[method]][0] if method in GRID_METHODS else {},
+          "num_kept": head.num_features,
+          "kept_per_tap": _kept_per_tap(head, tap_sizes if method == "head2toe" else sizes),
+          "head_file": f"head_{method}.npz",
+          "head_bytes": os.path.getsize(os.path.join(workdir, f"head_{method}.npz")),
+          "final_train_loss": head.meta["final_train_loss"],
+        }
+      )
       logging.info("%s: test accuracy %.4f with %d features", method, test_acc[method], head.num_features)
-  steps = int(config.learning.training_steps)
   results["timings_s"] = timings
-  results["probe_steps_per_s"] = {
-    m: steps
-    * (2 if m == "head2toe" else 1)
-    * (base.NUM_FOLDS if config.eval_mode == "valid" else 1)
-    / timings[f"fit_{m}"]
-    for m in methods
-  }
   results["peak_rss_mib"] = _peak_rss_mib()
   results["devices"] = [str(d) for d in jax.devices()]
   atomic_write_json(os.path.join(workdir, "results.json"), results)
@@ -325,6 +471,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
         if isinstance(v, float):
           scalars[f"{method}/{k}"] = v
     writer.write_scalars(0, scalars)
+    for method, entries in results["grid"].items():
+      for i, e in enumerate(entries):
+        writer.write_scalars(i, {f"{method}/cv_accuracy_by_grid_point": e["mean"]})
     writer.flush()
   return results
 
@@ -333,15 +482,23 @@ def summary_lines(results: dict[str, Any]) -> Sequence[str]:
   """A short human-readable summary of `results` (what `h2t.main` prints)."""
   lines = [
     f"task {results['task']} ({results['num_classes']} classes), backbone {results['backbone']['name']} "
-    f"at {results['backbone']['input_size']} px: {results['num_features']} features from {len(results['taps'])} taps"
+    f"at {results['backbone']['input_size']} px: {results['num_features']} features from {len(results['taps'])} "
+    f"taps; {results['num_grid_points']} grid point(s) x 5 folds"
   ]
   for method, r in results["methods"].items():
+    parts = [f"  {method:9s}"]
+    if "valid_accuracy" in r:
+      parts.append(f"CV accuracy {100 * r['valid_accuracy']:6.2f}%")
     if "test_accuracy" in r:
-      lines.append(
-        f"  {method:9s} test accuracy {100 * r['test_accuracy']:6.2f}%  ({r['num_kept']} features)"
+      detail = (
+        f"{r['num_kept']} features"
+        if "num_kept" in r
+        else f"{r.get('trainable_parameters', 0)} parameters trained"
       )
-    else:
-      lines.append(f"  {method:9s} 5-fold valid accuracy {100 * r['valid_accuracy']:6.2f}%")
+      parts.append(f"test accuracy {100 * r['test_accuracy']:6.2f}%  ({detail})")
+    if r.get("chosen_point"):
+      parts.append("chosen " + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["chosen_point"].items()))
+    lines.append("  ".join(parts))
   t = results["timings_s"]
   lines.append(
     "  time: "

@@ -129,6 +129,26 @@ def _extract_batch(
   return out
 
 
+def _data_parallel(backbone: Backbone, batch_size: int):
+  """Params replicated and a batch sharding over all local devices, or None on one device.
+
+  The batch axis is split along a 1-D mesh ('data'), so every device runs the
+  backbone on its slice; pooled features come back gathered.
+  """
+  devices = jax.local_devices()
+  if len(devices) == 1:
+    return backbone.params, None
+  if batch_size % len(devices):
+    raise ValueError(
+      f"extraction batch_size={batch_size} must be a multiple of the {len(devices)} local devices "
+      "(set config.backbone.batch_size)"
+    )
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.device_put(backbone.params, replicated), batch
+
+
 def check_taps(backbone: Backbone, taps: Sequence[str]) -> tuple[str, ...]:
   """Validates tap names against the backbone ('input' is the image itself)."""
   valid = set(backbone.tap_names) | {"input"}
@@ -161,6 +181,7 @@ def extract_batches(
     `({tap: [b, d_tap] float32}, labels [b])` per input batch.
   """
   taps = check_taps(backbone, taps)
+  params, batch_sharding = _data_parallel(backbone, batch_size)
   done, start, last_log = 0, time.perf_counter(), time.perf_counter()
   for images, labels in batches:
     b = len(labels)
@@ -170,8 +191,10 @@ def extract_batches(
     if b < batch_size:
       pad = np.zeros((batch_size - b,) + images.shape[1:], images.dtype)
       images = np.concatenate([images, pad])
+    if batch_sharding is not None:
+      images = jax.device_put(images, batch_sharding)
     feats = _extract_batch(
-      backbone.params,
+      params,
       images,
       backbone=backbone,
       taps=taps,

@@ -14,6 +14,7 @@ stage 1 (the Linear and regularisation baselines).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -28,7 +30,7 @@ from h2t import probe, selection
 
 NORMALIZATIONS = ("unit_vector", "per_feature", "")
 PER_FEATURE_EPS = 1e-5
-SELECTION_TYPES = ("none",) + selection.CONNECTIVITY_SCORES
+SELECTION_TYPES = ("none",) + selection.CONNECTIVITY_SCORES + selection.DATA_SCORES
 
 
 def unit_vector(x: np.ndarray) -> np.ndarray:
@@ -196,37 +198,270 @@ def _check_learning(learning: ml_collections.ConfigDict) -> None:
     raise ValueError(f"feature_selection.average_over_k={fs.average_over_k}; expected >= 1")
 
 
-def feature_scores(
-  features: Mapping[str, np.ndarray],
-  labels: np.ndarray,
-  learning: ml_collections.ConfigDict,
-  *,
-  key: jax.Array,
-  num_classes: int,
-) -> np.ndarray:
-  """Stage 1: scores of all features, `[sum d_tap]`, in `features`' tap order.
+FINAL_FOLD = 1000  # key id of a fit on all training examples (CV folds are 0..4)
 
-  Trains `average_over_k` group-lasso heads (different keys) and averages
-  their connectivity scores.
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """Features of one target size, laid out for the compiled programs.
+
+  Attributes:
+    taps: tap names in network order.
+    sizes: each tap's width.
+    x: `[n, D]` raw features on the device, taps concatenated.
+    tap_of: `[D]` int32 tap id of each feature.
   """
-  taps = list(features)
-  sizes = [features[t].shape[1] for t in taps]
-  sel = selection_learning(learning)
-  x, _ = normalize(features, taps, sel.feature_normalization)
-  groups, num_groups = None, 0
-  if sel.group_lrp_is_embedding:
-    # Groups are whole taps. Unlike the reference, the coefficient applies here too.
-    groups, num_groups = np.repeat(np.arange(len(taps)), sizes).astype(np.int32), len(taps)
-  spec, hp = train_spec(sel, num_classes), hparams(sel)
-  kind = learning.feature_selection.type
-  scores = np.zeros(x.shape[1], np.float64)
-  k = int(learning.feature_selection.average_over_k)
-  for i in range(k):
-    params, _ = probe.train(
-      x, labels, hp, jax.random.fold_in(key, i), spec=spec, groups=groups, num_groups=num_groups
+
+  taps: tuple[str, ...]
+  sizes: tuple[int, ...]
+  x: jax.Array
+  tap_of: jax.Array
+
+  @property
+  def dim(self) -> int:
+    return int(sum(self.sizes))
+
+  def unit_vector(self) -> jax.Array:
+    """`x` with each tap's vector scaled to unit norm (stage-1 input)."""
+    sq = jax.vmap(lambda row: jax.ops.segment_sum(row * row, self.tap_of, len(self.taps)))(self.x)
+    norms = jnp.sqrt(sq)[:, self.tap_of]
+    return jnp.where(norms > 0, self.x / jnp.where(norms > 0, norms, 1.0), 0.0)
+
+
+def prepare(features: Mapping[str, np.ndarray]) -> Prepared:
+  """`{tap: [n, d_tap]}` (in network order) -> `Prepared`."""
+  taps = tuple(features)
+  sizes = tuple(int(features[t].shape[1]) for t in taps)
+  x = jnp.asarray(np.concatenate([np.asarray(features[t], np.float32) for t in taps], axis=1))
+  tap_of = jnp.asarray(np.repeat(np.arange(len(taps)), sizes).astype(np.int32))
+  return Prepared(taps, sizes, x, tap_of)
+
+
+def program_key(learning: ml_collections.ConfigDict) -> str:
+  """What must be equal for grid points to share one compiled program.
+
+  Everything except the traced values: learning rate, L1/L2/group
+  coefficients, keep fraction and offset.
+  """
+  traced = {"learning_rate", "l1_regularizer", "l2_regularizer", "group_lrp_regularizer_coef"}
+  d = {k: v for k, v in learning.to_dict().items() if k not in traced}
+  fs = dict(d.pop("feature_selection"))
+  fs.pop("keep_fraction")
+  fs.pop("keep_fraction_offset")
+  overwrite = {k: v for k, v in fs.pop("learning_config_overwrite").items() if k not in traced}
+  return json.dumps([d, fs, overwrite], sort_keys=True, default=str)
+
+
+def _device_scores(kind: str, w: jax.Array, tap_of: jax.Array, num_taps: int) -> jax.Array:
+  """Connectivity scores of `w [..., D, C]` -> `[..., D]` (see selection.connectivity_scores)."""
+  if kind == "connectivity_l2":
+    return (w**2).sum(-1)
+  if kind == "connectivity_l1":
+    return jnp.abs(w).sum(-1)
+  if kind == "connectivity_linf":
+    return jnp.abs(w).max(-1)
+  norms = jnp.sqrt((w**2).sum(-1))
+  flat = norms.reshape(-1, norms.shape[-1])
+  counts = jax.ops.segment_sum(jnp.ones_like(tap_of, jnp.float32), tap_of, num_taps)
+  means = jax.vmap(lambda r: jax.ops.segment_sum(r, tap_of, num_taps) / counts)(flat)
+  return means[:, tap_of].reshape(norms.shape)
+
+
+def _fold_keys(seed: int, fold_ids: Sequence[int]) -> jax.Array:
+  base = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(fold_ids))
+
+
+@dataclasses.dataclass
+class GridRun:
+  """Outputs of `run_grid` for `P` points on `F` folds.
+
+  Attributes:
+    kept_idx, kept_mask: `[F, P, K]` kept global feature indices (padded).
+    params: `{'w': [F, P, K, C], 'b': [F, P, C]}` stage-2 heads.
+    losses: `[F, P, steps]` stage-2 minibatch losses.
+    accuracy: `[F, P]` accuracy on each fold's evaluation indices, or None.
+  """
+
+  kept_idx: np.ndarray
+  kept_mask: np.ndarray
+  params: dict[str, np.ndarray]
+  losses: np.ndarray
+  accuracy: np.ndarray | None
+
+
+def _select(scores, learnings, prep: Prepared) -> tuple[jax.Array, jax.Array]:
+  """Kept indices and masks `[F, P, K]` from scores `[F, P, D]`."""
+  dim = prep.dim
+  if any(float(lr.feature_selection.mean_interpolation_coef) > 0 for lr in learnings):
+    scores = np.array(scores)
+    for p, lr in enumerate(learnings):
+      coef = float(lr.feature_selection.mean_interpolation_coef)
+      for f in range(scores.shape[0]):
+        scores[f, p] = selection.interpolate_to_tap_mean(scores[f, p], prep.sizes, coef)
+  num_kept = np.asarray([int(dim * float(lr.feature_selection.keep_fraction)) for lr in learnings])
+  offsets = np.asarray([int(lr.feature_selection.keep_fraction_offset) for lr in learnings])
+  for lr, n_kept in zip(learnings, num_kept, strict=True):
+    kf = float(lr.feature_selection.keep_fraction)
+    if not 0 < kf <= 1 or n_kept < 1:
+      raise ValueError(f"keep_fraction={kf} of {dim} features keeps none; expected a fraction in (0, 1]")
+  select = jax.vmap(jax.vmap(probe.select_top, in_axes=(0, 0, 0, None)), in_axes=(0, None, None, None))
+  return select(
+    jnp.asarray(scores, jnp.float32), jnp.asarray(num_kept), jnp.asarray(offsets), int(num_kept.max())
+  )
+
+
+def run_grid(
+  prep: Prepared,
+  labels: np.ndarray,
+  learnings: Sequence[ml_collections.ConfigDict],
+  folds: Sequence[tuple[np.ndarray, np.ndarray | None]],
+  fold_ids: Sequence[int],
+  *,
+  seed: int,
+  num_classes: int,
+) -> GridRun:
+  """Stage 1, selection and stage 2 for many grid points and folds at once.
+
+  All `learnings` must share `program_key`; they may differ in learning rate,
+  penalty coefficients, keep fraction and offset. Each stage is one jitted
+  program vmapped over folds and grid points; the points that share a
+  stage-1 configuration share its run.
+
+  Args:
+    prep: the features.
+    labels: `[n]`.
+    learnings: one `config.learning` per grid point.
+    folds: `(train_idx [m], eval_idx [v] or None)` per fold; every fold has
+      the same m (and v).
+    fold_ids: the key id of each fold (`FINAL_FOLD` for a fit on all data).
+    seed: base seed.
+    num_classes: classes.
+  """
+  for learning in learnings:
+    _check_learning(learning)
+  if len({program_key(lr) for lr in learnings}) != 1:
+    raise ValueError("run_grid: the grid points do not share one program; group them with program_key")
+  base = learnings[0]
+  fs = base.feature_selection
+  mode = base.feature_normalization
+  y = jnp.asarray(labels, jnp.int32)
+  train_idx = jnp.asarray(np.stack([f[0] for f in folds]), jnp.int32)
+  keys = _fold_keys(seed, fold_ids)
+  keys_select = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+  keys_head = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  num_folds, num_points, dim = len(folds), len(learnings), prep.dim
+
+  if fs.type == "none":
+    kept_idx = jnp.broadcast_to(jnp.arange(dim, dtype=jnp.int32), (num_folds, num_points, dim))
+    kept_mask = jnp.ones((num_folds, num_points, dim), jnp.float32)
+  elif fs.type in selection.DATA_SCORES:
+    # Scored from the fold's raw (unnormalised) training features, as the
+    # reference scores its embeddings before normalisation; no stage 1.
+    x_np, y_np = np.asarray(prep.x), np.asarray(labels)
+    k = int(fs.average_over_k)
+    scores = np.stack(
+      [
+        np.mean(
+          [
+            selection.data_scores(fs.type, x_np[tr], y_np[tr], seed=seed * 1000 + fid * 10 + r)
+            for r in range(k)
+          ],
+          0,
+        )
+        for (tr, _), fid in zip(folds, fold_ids, strict=True)
+      ]
     )
-    scores += selection.connectivity_scores(kind, np.asarray(params["w"]), sizes)
-  return scores / k
+    scores = np.broadcast_to(scores[:, None], (num_folds, num_points, dim))
+    kept_idx, kept_mask = _select(scores, learnings, prep)
+  else:
+    sel = [selection_learning(lr) for lr in learnings]
+    hp_rows = [tuple(hparams(s_)) for s_ in sel]
+    unique = list(dict.fromkeys(hp_rows))
+    row_of = np.asarray([unique.index(r) for r in hp_rows])
+    hp1 = probe.HParams(*[jnp.asarray(col, jnp.float32) for col in zip(*unique, strict=True)])
+    groups, num_groups = None, 0
+    if sel[0].group_lrp_is_embedding:
+      # Groups are whole taps. Unlike the reference, the coefficient applies here too.
+      groups, num_groups = prep.tap_of, len(prep.taps)
+    x1 = prep.unit_vector() if mode == "unit_vector" else prep.x
+    stage1 = jax.vmap(
+      functools.partial(
+        probe.train_all_features,
+        spec=train_spec(sel[0], num_classes),
+        groups=groups,
+        num_groups=num_groups,
+        per_feature=mode == "per_feature",
+      ),
+      in_axes=(None, None, 0, None, 0),
+    )
+    k = int(fs.average_over_k)
+    scores = 0.0
+    for r in range(k):
+      w, _ = stage1(x1, y, train_idx, hp1, jax.vmap(lambda kk, r=r: jax.random.fold_in(kk, r))(keys_select))
+      scores = scores + _device_scores(fs.type, w, prep.tap_of, len(prep.taps))
+    scores = (scores / k)[:, row_of]  # [F, P, D]
+    kept_idx, kept_mask = _select(scores, learnings, prep)
+
+  hp2 = probe.HParams(
+    *[jnp.asarray(col, jnp.float32) for col in zip(*[tuple(hparams(lr)) for lr in learnings], strict=True)]
+  )
+  stage2 = jax.vmap(
+    functools.partial(
+      probe.train_kept_features, spec=train_spec(base, num_classes), num_taps=len(prep.taps), mode=mode
+    ),
+    in_axes=(None, None, 0, 0, 0, None, None, 0),
+  )
+  params, losses = stage2(prep.x, y, train_idx, kept_idx, kept_mask, prep.tap_of, hp2, keys_head)
+  accuracy = None
+  if folds[0][1] is not None:
+    eval_idx = jnp.asarray(np.stack([f[1] for f in folds]), jnp.int32)
+    acc_fn = jax.vmap(
+      functools.partial(probe.kept_accuracy, num_taps=len(prep.taps), mode=mode),
+      in_axes=(None, None, 0, 0, 0, 0, None, 0),
+    )
+    accuracy = np.asarray(acc_fn(prep.x, y, train_idx, eval_idx, kept_idx, kept_mask, prep.tap_of, params))
+  return GridRun(
+    kept_idx=np.asarray(kept_idx),
+    kept_mask=np.asarray(kept_mask),
+    params={k: np.asarray(v) for k, v in params.items()},
+    losses=np.asarray(losses),
+    accuracy=accuracy,
+  )
+
+
+def cross_validate(
+  prep: Prepared,
+  labels: np.ndarray,
+  learnings: Sequence[ml_collections.ConfigDict],
+  *,
+  seed: int,
+  num_classes: int,
+  num_folds: int = 5,
+) -> np.ndarray:
+  """Validation accuracy `[P, num_folds]` of each grid point on the reference's folds.
+
+  Points are grouped by `program_key`; each group is one `run_grid` call.
+  """
+  from h2t.data import base as data_base
+
+  folds = [data_base.fold_indices(f, len(labels), num_folds) for f in range(num_folds)]
+  acc = np.zeros((len(learnings), num_folds))
+  groups: dict[str, list[int]] = {}
+  for i, lr in enumerate(learnings):
+    groups.setdefault(program_key(lr), []).append(i)
+  for members in groups.values():
+    run = run_grid(
+      prep,
+      labels,
+      [learnings[i] for i in members],
+      folds,
+      list(range(num_folds)),
+      seed=seed,
+      num_classes=num_classes,
+    )
+    acc[members] = run.accuracy.T
+  return acc
 
 
 def fit(
@@ -254,29 +489,33 @@ def fit(
   _check_learning(learning)
   labels = np.asarray(labels, np.int32)
   num_classes = int(num_classes or labels.max() + 1)
-  taps = list(features)
-  sizes = [features[t].shape[1] for t in taps]
-  key_select, key_head = jax.random.split(jax.random.key(seed))
-  fs = learning.feature_selection
+  prep = prepare(features)
+  n = len(labels)
+  run = run_grid(
+    prep, labels, [learning], [(np.arange(n), None)], [FINAL_FOLD], seed=seed, num_classes=num_classes
+  )
+  return head_from_run(prep, run, 0, 0, learning, meta=meta)
+
+
+def head_from_run(
+  prep: Prepared,
+  run: GridRun,
+  fold: int,
+  point: int,
+  learning: ml_collections.ConfigDict,
+  *,
+  meta: Mapping[str, Any] | None = None,
+  features: Mapping[str, np.ndarray] | None = None,
+) -> Head:
+  """The `Head` of one (fold, point) of a `run_grid` fitted on all training data."""
+  mask = run.kept_mask[fold, point] > 0
+  global_idx = run.kept_idx[fold, point][mask]
+  kept = {t: v for t, v in selection.indices_per_tap(global_idx, prep.taps, prep.sizes).items() if len(v)}
+  params = {"w": run.params["w"][fold, point][mask], "b": run.params["b"][fold, point]}
+  stats = None
+  if learning.feature_normalization == "per_feature":
+    x = np.asarray(prep.x)[:, global_idx]
+    stats = {"mean": x.mean(axis=0), "var": x.var(axis=0)}
   meta = dict(meta or {})
-  if fs.type == "none":
-    kept = {t: np.arange(s, dtype=np.int32) for t, s in zip(taps, sizes, strict=True)}
-  else:
-    scores = feature_scores(features, labels, learning, key=key_select, num_classes=num_classes)
-    idx = selection.top_fraction(
-      scores,
-      float(fs.keep_fraction),
-      offset=int(fs.keep_fraction_offset),
-      tap_sizes=sizes,
-      mean_interpolation_coef=float(fs.mean_interpolation_coef),
-    )
-    kept = {t: v for t, v in selection.indices_per_tap(idx, taps, sizes).items() if len(v)}
-    meta["tap_mean_scores"] = {
-      t: float(s.mean()) for t, s in zip(taps, selection.split_by_tap(scores, sizes))
-    }
-  gathered = {t: np.asarray(features[t])[:, idx] for t, idx in kept.items()}
-  x, stats = normalize(gathered, list(kept), learning.feature_normalization)
-  params, losses = probe.train(x, labels, hparams(learning), key_head, spec=train_spec(learning, num_classes))
-  meta.update(num_classes=num_classes, final_train_loss=float(losses[-1]))
-  params = {k: np.asarray(v) for k, v in params.items()}
+  meta.update(num_classes=int(params["b"].shape[0]), final_train_loss=float(run.losses[fold, point, -1]))
   return Head(kept, params, learning.feature_normalization, stats, meta)

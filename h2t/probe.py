@@ -225,3 +225,233 @@ def predict(params: Params, x: jax.Array) -> jax.Array:
 def accuracy(params: Params, x: np.ndarray, y: np.ndarray) -> float:
   """Fraction of `x [n, dim]` classified as `y [n]`."""
   return float((np.asarray(predict(params, x)).argmax(-1) == np.asarray(y)).mean())
+
+
+# ---------------------------------------------------------------------------
+# The grid: many heads in one program.
+#
+# A fold is a set of training indices into the cached features `x [n, D]`.
+# Every head of a fold sees the same minibatches (same key), so a step gathers
+# its minibatch once and all the fold's heads use it. Hyperparameters are
+# traced `[H]` vectors, so one compiled program serves a whole grid. The
+# initial kernel is drawn row by row (`row_glorot`), so a head's start does
+# not depend on how many heads share the program.
+
+
+def row_glorot(key: jax.Array, rows: int, num_classes: int, fan_in: jax.Array | int) -> jax.Array:
+  """Glorot-uniform `[rows, classes]`, row `i` drawn from `fold_in(key, i)`.
+
+  Drawing per row makes the first `k` rows independent of `rows`, so a
+  padded head starts exactly as an unpadded one.
+  """
+  limit = jnp.sqrt(6.0 / (fan_in + num_classes))
+  u = jax.vmap(
+    lambda i: jax.random.uniform(jax.random.fold_in(key, i), (num_classes,), minval=-1.0, maxval=1.0)
+  )(jnp.arange(rows))
+  return u * limit
+
+
+def _fold_batches(key: jax.Array, train_idx: jax.Array, spec: TrainSpec) -> jax.Array:
+  """`[steps, batch]` indices into the features for one fold."""
+  local = batch_indices(key, train_idx.shape[0], spec.training_steps, spec.batch_size)
+  return train_idx[local]
+
+
+def _train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups):
+  """Trains `H` heads (leading axis of params / hp) on shared minibatches."""
+  tx = _direction(spec)
+
+  def loss_fn(p, h, xb, yb):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, xb), yb).mean()
+    return ce + penalty(p, h, spec, groups, num_groups)
+
+  def step(carry, inputs):
+    p, opt_state = carry
+    i, b = inputs
+    xb = x_fn(b)  # [H, batch, k] or [batch, D] shared by every head
+    x_axis = 0 if xb.ndim == 3 else None
+    loss, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(0, 0, x_axis, None))(p, hp, xb, y[b])
+    updates, opt_state = jax.vmap(tx.update)(grads, opt_state, p)
+    lr = jax.vmap(lambda h: learning_rate_at(i, h, spec))(hp)
+    p = jax.tree_util.tree_map(lambda v, u: v - lr.reshape((-1,) + (1,) * (v.ndim - 1)) * u, p, updates)
+    return (p, opt_state), loss
+
+  opt_state = jax.vmap(tx.init)(params)
+  steps = jnp.arange(spec.training_steps)
+  (params, _), losses = jax.lax.scan(step, (params, opt_state), (steps, batches))
+  return params, losses.T
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "num_groups", "per_feature"))
+def train_all_features(
+  x: jax.Array,
+  y: jax.Array,
+  train_idx: jax.Array,
+  hp: HParams,
+  key: jax.Array,
+  *,
+  spec: TrainSpec,
+  groups: jax.Array | None = None,
+  num_groups: int = 0,
+  per_feature: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Stage 1 for a grid: `H` heads on all features of one fold.
+
+  Args:
+    x: `[n, D]` features, already normalised per tap (or raw, with
+      `per_feature`: then standardised with the fold's training statistics).
+    y: `[n]` labels.
+    train_idx: `[m]` the fold's training indices.
+    hp: hyperparameters with leaves `[H]`.
+    key: the fold's key (same for every head).
+
+  Returns:
+    `(w [H, D, classes], losses [H, steps])`.
+  """
+  num_heads = jnp.shape(hp.learning_rate)[0]
+  k_init, k_data = jax.random.split(key)
+  dim = x.shape[1]
+  w0 = (
+    jnp.zeros((dim, spec.num_classes)) if spec.zero_init else row_glorot(k_init, dim, spec.num_classes, dim)
+  )
+  params = {
+    "w": jnp.broadcast_to(w0, (num_heads,) + w0.shape),
+    "b": jnp.zeros((num_heads, spec.num_classes)),
+  }
+  batches = _fold_batches(k_data, train_idx, spec)
+  if per_feature:
+    xt = x[train_idx]
+    mean, scale = xt.mean(axis=0), jax.lax.rsqrt(xt.var(axis=0) + 1e-5)
+
+    def x_fn(b):
+      return (x[b] - mean) * scale
+  else:
+
+    def x_fn(b):
+      return x[b]
+
+  params, losses = _train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups)
+  return params["w"], losses
+
+
+def select_top(
+  scores: jax.Array, num_kept: jax.Array, offset: jax.Array, max_kept: int
+) -> tuple[jax.Array, jax.Array]:
+  """Kept feature indices of one head, padded to `max_kept`.
+
+  The `num_kept` best features after skipping the `offset` best, as the
+  reference; ties go to the lower index. Returned in increasing index order
+  (so tap by tap, network order), padding (index D, mask 0) last.
+
+  Returns:
+    `(idx [max_kept] int32, mask [max_kept] float32)`.
+  """
+  dim = scores.shape[0]
+  order = jnp.argsort(-scores, stable=True)
+  pos = jnp.arange(max_kept)
+  valid = pos < num_kept
+  idx = jnp.where(valid, order[jnp.minimum(pos + offset, dim - 1)], dim)
+  idx = jnp.sort(idx)
+  return idx.astype(jnp.int32), (idx < dim).astype(jnp.float32)
+
+
+def transform_kept(
+  xb: jax.Array, idx: jax.Array, mask: jax.Array, tap_of: jax.Array, num_taps: int, mode: str, stats=None
+) -> jax.Array:
+  """Kept features of `xb [b, D]` for one head, renormalised: `[b, K]`.
+
+  'unit_vector' rescales each tap's kept features to unit L2 norm (zero stays
+  zero), as the reference does after selection; 'per_feature' standardises
+  with the training statistics `stats = (mean [D], var [D])`.
+  """
+  safe = jnp.minimum(idx, xb.shape[1] - 1)
+  xk = xb[:, safe] * mask
+  if mode == "unit_vector":
+    taps = tap_of[safe]
+    # Kept indices are sorted, so each tap's features are one contiguous run.
+    sq = jax.ops.segment_sum((xk * xk).T, taps, num_taps, indices_are_sorted=True).T  # [b, T]
+    norms = jnp.sqrt(sq)[:, taps]
+    xk = jnp.where(norms > 0, xk / jnp.where(norms > 0, norms, 1.0), 0.0)
+  elif mode == "per_feature":
+    mean, var = stats
+    xk = (xk - mean[safe]) / jnp.sqrt(var[safe] + 1e-5) * mask
+  return xk
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "num_taps", "mode"))
+def train_kept_features(
+  x: jax.Array,
+  y: jax.Array,
+  train_idx: jax.Array,
+  kept_idx: jax.Array,
+  kept_mask: jax.Array,
+  tap_of: jax.Array,
+  hp: HParams,
+  key: jax.Array,
+  *,
+  spec: TrainSpec,
+  num_taps: int,
+  mode: str,
+) -> tuple[Params, jax.Array]:
+  """Stage 2 for a grid: `H` fresh heads, each on its own kept features.
+
+  Args:
+    x: `[n, D]` raw (unnormalised) features.
+    y: `[n]` labels.
+    train_idx: `[m]` the fold's training indices.
+    kept_idx, kept_mask: `[H, K]` from `select_top`.
+    tap_of: `[D]` tap id of each feature.
+    hp: hyperparameters with leaves `[H]`.
+    key: the fold's key.
+
+  Returns:
+    `(params {'w': [H, K, classes], 'b': [H, classes]}, losses [H, steps])`;
+    padded rows of `w` are zero.
+  """
+  k_init, k_data = jax.random.split(key)
+  num_kept = kept_mask.sum(axis=1)
+  max_kept = kept_idx.shape[1]
+  if spec.zero_init:
+    w = jnp.zeros((kept_idx.shape[0], max_kept, spec.num_classes))
+  else:
+    w = jax.vmap(lambda k: row_glorot(k_init, max_kept, spec.num_classes, k))(num_kept)
+  params = {"w": w * kept_mask[:, :, None], "b": jnp.zeros((kept_idx.shape[0], spec.num_classes))}
+  xt = x[train_idx]
+  stats = (xt.mean(axis=0), xt.var(axis=0)) if mode == "per_feature" else None
+  # Each head's kept, renormalised features of the fold's training set,
+  # [H, m, K], built once: a step then reads contiguous rows instead of
+  # gathering scattered columns (measured ~20x faster on the CPU).
+  xh = jax.vmap(transform_kept, in_axes=(None, 0, 0, None, None, None, None))(
+      xt, kept_idx, kept_mask, tap_of, num_taps, mode, stats
+  )
+  local = batch_indices(k_data, train_idx.shape[0], spec.training_steps, spec.batch_size)
+  params, losses = _train_heads(params, hp, local, lambda b: xh[:, b, :], y[train_idx], spec, None, 0)
+  return params, losses
+
+
+@functools.partial(jax.jit, static_argnames=("num_taps", "mode"))
+def kept_accuracy(
+  x: jax.Array,
+  y: jax.Array,
+  train_idx: jax.Array,
+  eval_idx: jax.Array,
+  kept_idx: jax.Array,
+  kept_mask: jax.Array,
+  tap_of: jax.Array,
+  params: Params,
+  *,
+  num_taps: int,
+  mode: str,
+) -> jax.Array:
+  """Accuracy `[H]` of stage-2 heads on `eval_idx`."""
+  stats = None
+  if mode == "per_feature":
+    xt = x[train_idx]
+    stats = (xt.mean(axis=0), xt.var(axis=0))
+  xe = x[eval_idx]
+
+  def one(idx, mask, p):
+    logits = logits_fn(p, transform_kept(xe, idx, mask, tap_of, num_taps, mode, stats))
+    return (logits.argmax(-1) == y[eval_idx]).mean()
+
+  return jax.vmap(one)(kept_idx, kept_mask, params)

@@ -97,3 +97,90 @@ def indices_per_tap(
     out[name] = (inside - start).astype(np.int32)
     start += size
   return out
+
+
+# Scores computed from the features and labels alone, without a trained head.
+DATA_SCORES = (
+  "random",
+  "variance",
+  "sklearn_chi2",
+  "sklearn_f_classif",
+  "sklearn_mutual_info_classif",
+  "sklearn_trees",
+)
+TREES_ESTIMATORS = 50  # The reference's ExtraTreesClassifier size.
+
+
+def nonnegative_for_chi2(x: np.ndarray) -> np.ndarray:
+  """Shifts each feature with a negative value so its minimum is 0.
+
+  chi2 treats a feature as counts and refuses negative inputs (the reference
+  passes its raw pooled features as they are, so it raises on any tap that
+  can be negative: a residual output, logits, a ViT token). Features that are
+  already non-negative (post-ReLU taps) are left untouched, so wherever the
+  reference runs, the scores are the same.
+
+  Args:
+    x: `[n, dim]` features.
+
+  Returns:
+    `[n, dim]` float32 features, all >= 0.
+  """
+  x = np.asarray(x, np.float32)
+  low = x.min(axis=0)
+  return x - np.minimum(low, 0)[None, :]
+
+
+def data_scores(kind: str, x: np.ndarray, labels: np.ndarray, *, seed: int) -> np.ndarray:
+  """Scores features from the data, as the reference's non-connectivity types.
+
+  Args:
+    kind: one of `DATA_SCORES`:
+      'random': i.i.d. standard normal scores drawn from `seed` (a baseline);
+      'variance': each feature's standard deviation over the examples
+        (population std, as `tf.math.reduce_std`);
+      'sklearn_chi2', 'sklearn_f_classif', 'sklearn_mutual_info_classif':
+        the `scores_` of that `sklearn.feature_selection` function (chi2 on
+        `nonnegative_for_chi2(x)`; mutual information seeded by `seed`);
+      'sklearn_trees': `feature_importances_` of an ExtraTreesClassifier with
+        50 trees, seeded by `seed`.
+    x: `[n, dim]` features. The reference scores the concatenated pooled
+      features before any normalisation.
+    labels: `[n]` int labels.
+    seed: makes 'random', 'sklearn_mutual_info_classif' and 'sklearn_trees'
+      reproducible (the reference left them unseeded); use a different seed per
+      run when averaging over k runs.
+
+  Returns:
+    `[dim]` float64 scores; higher is more useful. NaN scores (f_classif or
+    chi2 on a constant feature, 0/0) become 0, the lowest score a
+    non-random kind gives: a constant feature carries no information, and
+    NaN must not sort above real scores. An infinite F statistic (a feature
+    constant within each class but not across them) becomes the largest
+    float64, so it still ranks first.
+  """
+  x = np.asarray(x)
+  labels = np.asarray(labels)
+  if x.ndim != 2 or len(x) != len(labels):
+    raise ValueError(f"expected features [n, dim] and labels [n], got {x.shape} and {labels.shape}")
+  # Imported here: scikit-learn takes a second to import and only these scores need it.
+  from sklearn import ensemble, feature_selection
+
+  if kind == "random":
+    scores = np.random.default_rng(seed).standard_normal(x.shape[1])
+  elif kind == "variance":
+    scores = x.std(axis=0, dtype=np.float64)
+  elif kind == "sklearn_chi2":
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 on all-zero features; handled below.
+      scores, _ = feature_selection.chi2(nonnegative_for_chi2(x), labels)
+  elif kind == "sklearn_f_classif":
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 on constant features; handled below.
+      scores, _ = feature_selection.f_classif(x, labels)
+  elif kind == "sklearn_mutual_info_classif":
+    scores = feature_selection.mutual_info_classif(x, labels, random_state=seed, n_jobs=-1)
+  elif kind == "sklearn_trees":
+    trees = ensemble.ExtraTreesClassifier(n_estimators=TREES_ESTIMATORS, random_state=seed, n_jobs=-1)
+    scores = trees.fit(x, labels).feature_importances_
+  else:
+    raise ValueError(f"feature selection type {kind!r}; expected one of {', '.join(DATA_SCORES)}")
+  return np.nan_to_num(np.asarray(scores, np.float64), nan=0.0)

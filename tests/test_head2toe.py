@@ -166,3 +166,65 @@ class FitTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class GridTest(absltest.TestCase):
+  """The whole grid x folds as one program equals each grid point run alone."""
+
+  def _points(self):
+    points = []
+    for coef in (1e-3, 1e-5):
+      for kf in (0.05, 0.2):
+        for lr in (0.1, 0.01):
+          learning = _learning(
+            **{
+              "feature_selection.keep_fraction": kf,
+              "feature_selection.learning_config_overwrite.group_lrp_regularizer_coef": coef,
+              "learning_rate": lr,
+              "training_steps": 40,
+            }
+          )
+          points.append(learning)
+    return points
+
+  def test_batched_grid_equals_points_alone(self):
+    feats, labels = _toy_task(n=100, informative=("a", "b"))
+    prep = head2toe.prepare(feats)
+    folds = [(np.arange(0, 80), np.arange(80, 100)), (np.arange(20, 100), np.arange(0, 20))]
+    points = self._points()
+    together = head2toe.run_grid(prep, labels, points, folds, [0, 1], seed=4, num_classes=3)
+    for p, learning in enumerate(points):
+      alone = head2toe.run_grid(prep, labels, [learning], folds, [0, 1], seed=4, num_classes=3)
+      k = int(alone.kept_mask[0, 0].sum())
+      np.testing.assert_array_equal(together.kept_idx[:, p, :k], alone.kept_idx[:, 0, :k])
+      np.testing.assert_array_equal(together.accuracy[:, p], alone.accuracy[:, 0])
+      np.testing.assert_allclose(together.params["w"][:, p, :k], alone.params["w"][:, 0, :k], atol=1e-5)
+
+  def test_grid_fit_equals_head_api(self):
+    feats, labels = _toy_task(n=100)
+    learning = _learning(training_steps=40)
+    head = head2toe.fit(feats, labels, learning, seed=2)
+    prep = head2toe.prepare(feats)
+    run = head2toe.run_grid(
+      prep, labels, [learning], [(np.arange(100), None)], [head2toe.FINAL_FOLD], seed=2, num_classes=3
+    )
+    again = head2toe.head_from_run(prep, run, 0, 0, learning)
+    np.testing.assert_array_equal(head.predict(feats), again.predict(feats))
+
+  def test_cross_validate_shapes_and_range(self):
+    feats, labels = _toy_task(n=100)
+    acc = head2toe.cross_validate(head2toe.prepare(feats), labels, self._points()[:3], seed=0, num_classes=3)
+    self.assertEqual(acc.shape, (3, 5))
+    self.assertTrue(((acc >= 0) & (acc <= 1)).all())
+
+  def test_head_predict_matches_grid_evaluation(self):
+    # The streamed/head path (host normalisation) and the in-program path agree.
+    feats, labels = _toy_task(n=100)
+    learning = _learning(training_steps=40)
+    prep = head2toe.prepare(feats)
+    folds = [(np.arange(0, 80), np.arange(80, 100))]
+    run = head2toe.run_grid(prep, labels, [learning], folds, [0], seed=1, num_classes=3)
+    head = head2toe.head_from_run(prep, run, 0, 0, learning)
+    sub = {t: v[80:] for t, v in feats.items()}
+    acc = (head.predict(sub).argmax(-1) == labels[80:]).mean()
+    self.assertAlmostEqual(acc, float(run.accuracy[0, 0]), places=6)

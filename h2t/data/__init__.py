@@ -1,15 +1,26 @@
-"""Tasks: `get_task(name)` -> `h2t.data.base.Task`, offline sources and VTAB-1k."""
+"""Tasks: `get_task(name)` -> `h2t.data.base.Task`: offline sources, image folders and VTAB-1k."""
 
 from __future__ import annotations
 
-from h2t.data import base, local, vtab
+from h2t.data import base, folder, local, vtab
 from h2t.data.base import Task, balanced_subset_indices, fold_indices
 
 __all__ = ["Task", "balanced_subset_indices", "check_task_name", "fold_indices", "get_task", "task_names"]
 
 
-def task_names() -> tuple[str, ...]:
-  return local.NAMES + tuple(vtab.TASKS)
+class TaskNames(tuple):
+  """The known task names; `in` also accepts every `'folder:PATH'` name.
+
+  Listed, the folder family shows as 'folder:PATH', so error messages that
+  join the names tell the user about it.
+  """
+
+  def __contains__(self, name: object) -> bool:
+    return folder.is_folder_name(name) or tuple.__contains__(self, name)
+
+
+def task_names() -> TaskNames:
+  return TaskNames(local.NAMES + (folder.NAME_PATTERN,) + tuple(vtab.TASKS))
 
 
 def check_task_name(name: str) -> None:
@@ -22,7 +33,8 @@ def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str |
   """Returns the named task.
 
   Args:
-    name: an offline task ('digits', 'fashion_mnist') or a VTAB-1k task.
+    name: an offline task ('digits', 'fashion_mnist'), 'folder:PATH' (a folder
+      of class subfolders of images, see h2t/data/folder.py) or a VTAB-1k task.
     data_dir: TFDS data directory (None: TFDS's default).
     fashion_mnist_dir: folder of Fashion-MNIST IDX files, the offline source.
   """
@@ -30,6 +42,8 @@ def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str |
     return local.load_digits()
   if name == "fashion_mnist":
     return local.load_fashion_mnist(data_dir=data_dir, idx_dir=fashion_mnist_dir)
+  if folder.is_folder_name(name):
+    return folder.load(name)
   if name in vtab.TASKS:
     return vtab.load(name, data_dir=data_dir)
   check_task_name(name)

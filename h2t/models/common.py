@@ -6,12 +6,29 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # Inputs scaled to [-1, 1]: the Google ViT / BiT checkpoints.
 MINUS_ONE_ONE_MEAN = (127.5, 127.5, 127.5)
 MINUS_ONE_ONE_STD = (127.5, 127.5, 127.5)
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed statistics: `(x - mean) / sqrt(var + eps) * weight + bias`."""
+
+  eps: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    weight = self.param("weight", nn.initializers.ones, (c,))
+    bias = self.param("bias", nn.initializers.zeros, (c,))
+    mean = self.param("mean", nn.initializers.zeros, (c,))
+    var = self.param("var", nn.initializers.ones, (c,))
+    scale = weight * jax.lax.rsqrt(var + self.eps)
+    return x * scale + (bias - mean * scale)
 
 
 @dataclasses.dataclass(frozen=True)

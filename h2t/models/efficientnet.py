@@ -72,22 +72,6 @@ def tap_names() -> tuple[str, ...]:
   return tuple(names + ["head", "pre_logits", "logits"])
 
 
-class FrozenBatchNorm(nn.Module):
-  """BatchNorm with fixed statistics: `(x - mean) / sqrt(var + eps) * weight + bias`."""
-
-  eps: float = BN_EPS
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
-    weight = self.param("weight", nn.initializers.ones, (c,))
-    bias = self.param("bias", nn.initializers.zeros, (c,))
-    mean = self.param("mean", nn.initializers.zeros, (c,))
-    var = self.param("var", nn.initializers.ones, (c,))
-    scale = weight * jax.lax.rsqrt(var + self.eps)
-    return x * scale + (bias - mean * scale)
-
-
 def _conv(features: int, kernel: int, stride: int = 1, groups: int = 1, name: str | None = None) -> nn.Conv:
   return nn.Conv(
     features,
@@ -167,12 +151,12 @@ class MBConv(nn.Module):
     inputs = x
     mid = self.in_ch * self.expand
     if self.expand != 1:
-      x = jax.nn.relu6(FrozenBatchNorm(name="_bn0")(_conv(mid, 1, name="_expand_conv")(x)))
+      x = jax.nn.relu6(common.FrozenBatchNorm(BN_EPS, name="_bn0")(_conv(mid, 1, name="_expand_conv")(x)))
       taps[f"{self.prefix}_expand"] = x
     x = DepthwiseConv(self.kernel, self.stride, name="_depthwise_conv")(x)
-    x = jax.nn.relu6(FrozenBatchNorm(name="_bn1")(x))
+    x = jax.nn.relu6(common.FrozenBatchNorm(BN_EPS, name="_bn1")(x))
     taps[f"{self.prefix}_depthwise"] = x
-    x = FrozenBatchNorm(name="_bn2")(_conv(self.out_ch, 1, name="_project_conv")(x))
+    x = common.FrozenBatchNorm(BN_EPS, name="_bn2")(_conv(self.out_ch, 1, name="_project_conv")(x))
     if self.stride == 1 and self.in_ch == self.out_ch:
       x = x + inputs
     taps[f"{self.prefix}_output"] = x
@@ -188,11 +172,15 @@ class EfficientNetLite(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     taps: dict[str, jax.Array] = {}
-    x = jax.nn.relu6(FrozenBatchNorm(name="_bn0")(_conv(STEM_CHANNELS, 3, 2, name="_conv_stem")(x)))
+    x = jax.nn.relu6(
+      common.FrozenBatchNorm(BN_EPS, name="_bn0")(_conv(STEM_CHANNELS, 3, 2, name="_conv_stem")(x))
+    )
     taps["stem"] = x
     for i, (in_ch, out_ch, kernel, stride, expand) in enumerate(self.blocks):
       x = MBConv(in_ch, out_ch, kernel, stride, expand, prefix=f"block{i}", name=f"_blocks_{i}")(x, taps)
-    x = jax.nn.relu6(FrozenBatchNorm(name="_bn1")(_conv(HEAD_CHANNELS, 1, name="_conv_head")(x)))
+    x = jax.nn.relu6(
+      common.FrozenBatchNorm(BN_EPS, name="_bn1")(_conv(HEAD_CHANNELS, 1, name="_conv_head")(x))
+    )
     taps["head"] = x
     x = jnp.mean(x, axis=(1, 2))
     taps["pre_logits"] = x

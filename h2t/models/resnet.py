@@ -37,7 +37,6 @@ from absl import logging
 from h2t import checkpoints
 from h2t.checkpoints import torch_layouts
 from h2t.models import common
-from h2t.models.efficientnet import FrozenBatchNorm
 
 INPUT_SIZE = 224
 BN_EPS = 1e-5
@@ -89,11 +88,13 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     layer0 = x
-    y = nn.relu(FrozenBatchNorm(BN_EPS, name="bn1")(_conv(self.width, 1, name="conv1")(x)))
+    y = nn.relu(common.FrozenBatchNorm(BN_EPS, name="bn1")(_conv(self.width, 1, name="conv1")(x)))
     layer1 = y
-    y = nn.relu(FrozenBatchNorm(BN_EPS, name="bn2")(_conv(self.width, 3, self.stride, name="conv2")(y)))
+    y = nn.relu(
+      common.FrozenBatchNorm(BN_EPS, name="bn2")(_conv(self.width, 3, self.stride, name="conv2")(y))
+    )
     layer2 = y
-    y = FrozenBatchNorm(BN_EPS, name="bn3")(_conv(self.width * EXPANSION, 1, name="conv3")(y))
+    y = common.FrozenBatchNorm(BN_EPS, name="bn3")(_conv(self.width * EXPANSION, 1, name="conv3")(y))
     shortcut = x
     if self.project:
       shortcut = _Downsample(self.width * EXPANSION, self.stride, name="downsample")(x)
@@ -108,7 +109,7 @@ class _Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return FrozenBatchNorm(BN_EPS, name="1")(_conv(self.features, 1, self.stride, name="0")(x))
+    return common.FrozenBatchNorm(BN_EPS, name="1")(_conv(self.features, 1, self.stride, name="0")(x))
 
 
 class _Stage(nn.Module):
@@ -145,7 +146,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     taps: dict[str, jax.Array] = {}
-    x = nn.relu(FrozenBatchNorm(BN_EPS, name="bn1")(_conv(self.width, 7, 2, name="conv1")(x)))
+    x = nn.relu(common.FrozenBatchNorm(BN_EPS, name="bn1")(_conv(self.width, 7, 2, name="conv1")(x)))
     # Padding with -inf (flax's max_pool) equals torch's implicit padding.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     taps["after_root"] = x

@@ -1,0 +1,159 @@
+"""The protocol's promises: the feature cache, resuming, and several devices."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl.testing import absltest
+
+from h2t import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = [
+  "--config.backbone.input_size=32",
+  "--config.backbone.additional_features_target_size=64",
+  "--config.learning.training_steps=20",
+  "--config.sweep=learning.feature_selection.keep_fraction=0.05,0.1",
+]
+
+
+def run_main(workdir, *overrides, env_extra=None):
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.update(env_extra or {})
+  cmd = [
+    sys.executable,
+    "-m",
+    "h2t.main",
+    "--config=" + os.path.join(ROOT, "configs/vtab.py"),
+    f"--workdir={workdir}",
+  ]
+  return subprocess.run(
+    cmd + FAST + list(overrides), capture_output=True, text=True, env=env, cwd=ROOT, timeout=900
+  )
+
+
+def results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+class CacheTest(absltest.TestCase):
+  def test_cache_reuse_invalidation_and_corruption(self):
+    with tempfile.TemporaryDirectory() as workdir:
+      first = run_main(workdir)
+      self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+      r1 = results(workdir)
+      self.assertFalse(r1["train_features_cached"])
+      self.assertLen(r1["grid"]["head2toe"], 2)
+      for entry in r1["grid"]["head2toe"]:
+        self.assertLen(entry["fold_accuracies"], 5)
+      (cache_file,) = glob.glob(os.path.join(workdir, "cache", "*.npz"))
+
+      # Same config: read from the cache, same numbers.
+      self.assertEqual(run_main(workdir).returncode, 0)
+      r2 = results(workdir)
+      self.assertTrue(r2["train_features_cached"])
+      self.assertEqual(r2["methods"], r1["methods"])
+      self.assertEqual(r2["grid"], r1["grid"])
+
+      # A changed target size must not read the old features.
+      self.assertEqual(
+        run_main(workdir, "--config.backbone.additional_features_target_size=128").returncode, 0
+      )
+      self.assertFalse(results(workdir)["train_features_cached"])
+      self.assertLen(glob.glob(os.path.join(workdir, "cache", "*.npz")), 2)
+
+      # A damaged cache file is detected and rebuilt, never used.
+      with open(cache_file, "r+b") as f:
+        f.seek(os.path.getsize(cache_file) // 2)
+        f.write(b"\x00" * 64)
+      again = run_main(workdir)
+      self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+      self.assertIn("rebuilding", again.stderr)
+      r3 = results(workdir)
+      self.assertFalse(r3["train_features_cached"])
+      self.assertEqual(r3["methods"], r1["methods"])
+
+  def test_truncated_cache_file_is_not_used(self):
+    with tempfile.TemporaryDirectory() as d:
+      path = os.path.join(d, "c.npz")
+      evaluate._write_cache(path, {"a": np.ones((3, 2), np.float32)}, np.arange(3))  # noqa: SLF001
+      self.assertIsNotNone(evaluate._read_cache(path))  # noqa: SLF001
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10)
+      self.assertIsNone(evaluate._read_cache(path))  # noqa: SLF001
+
+  def test_changed_checkpoint_changes_the_cache_key(self):
+    class FakeBackbone:
+      name, input_size = "efficientnet_lite0", 224
+
+      def __init__(self, checkpoint_id):
+        self.checkpoint_id = checkpoint_id
+
+    import configs.vtab as vtab_config
+
+    bcfg = vtab_config.get_config().backbone
+    a = evaluate._cache_key(FakeBackbone("lite0.pth:aaaa"), "digits", "train800val200", ("stem",), bcfg)  # noqa: SLF001
+    b = evaluate._cache_key(FakeBackbone("lite0.pth:bbbb"), "digits", "train800val200", ("stem",), bcfg)  # noqa: SLF001
+    self.assertNotEqual(a, b)
+
+
+class ResumeTest(absltest.TestCase):
+  def test_killed_during_extraction_then_resumed(self):
+    with tempfile.TemporaryDirectory() as workdir:
+      reference = run_main(workdir)
+      self.assertEqual(reference.returncode, 0, reference.stderr[-3000:])
+      want = results(workdir)["methods"]
+    with tempfile.TemporaryDirectory() as workdir:
+      env = dict(os.environ, PYTHONPATH=ROOT)
+      cmd = [
+        sys.executable,
+        "-m",
+        "h2t.main",
+        "--config=" + os.path.join(ROOT, "configs/vtab.py"),
+        f"--workdir={workdir}",
+        "--config.backbone.batch_size=8",
+      ] + FAST
+      proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
+      )
+      # Kill it once extraction has started: the log names the grid just before it.
+      log = os.path.join(workdir, "log.txt")
+      deadline = time.time() + 300
+      while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and "grid point" in open(log).read():
+          break
+        time.sleep(0.1)
+      time.sleep(1.0)
+      proc.kill()
+      proc.wait()
+      # Nothing half-done is presented as done.
+      self.assertFalse(os.path.exists(os.path.join(workdir, "results.json")))
+      resumed = run_main(workdir)
+      self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
+      self.assertEqual(results(workdir)["methods"], want)
+
+
+class DevicesTest(absltest.TestCase):
+  def test_four_simulated_devices_give_the_same_results(self):
+    with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as four:
+      a = run_main(one)
+      b = run_main(four, env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+      self.assertEqual(a.returncode, 0, a.stderr[-3000:])
+      self.assertEqual(b.returncode, 0, b.stderr[-3000:])
+      self.assertLen(results(four)["devices"], 4)
+      ra, rb = results(one), results(four)
+      for method in ra["methods"]:
+        self.assertAlmostEqual(
+          ra["methods"][method]["test_accuracy"], rb["methods"][method]["test_accuracy"], places=6
+        )
+        self.assertEqual(ra["methods"][method]["kept_per_tap"], rb["methods"][method]["kept_per_tap"])
+
+
+if __name__ == "__main__":
+  absltest.main()
