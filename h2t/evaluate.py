@@ -223,6 +223,7 @@ def cross_validate_grid(
     for i, lr in zip(members, learnings, strict=True):
       acc[i] = got[distinct.index(json.dumps(lr.to_dict(), sort_keys=True, default=str))]
   for i, (overrides, _) in enumerate(points):
+    # Fold accuracies are counts / 200 in float64, so equal counts tie exactly.
     entries.append({"point": overrides, "fold_accuracies": acc[i].tolist(), "mean": float(acc[i].mean())})
   return entries
 
@@ -418,6 +419,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
         "pool_size": int(cfg.backbone.additional_features_pool_size),
         "cls_token_pool": cfg.backbone.cls_token_pool,
         "grid_point": points[chosen[method]][0],
+        "class_names": list(getattr(task, "class_names", None) or []),
       }
       t0 = time.perf_counter()
       if method == "finetune":

@@ -420,7 +420,8 @@ def run_grid(
       functools.partial(probe.kept_accuracy, num_taps=len(prep.taps), mode=mode),
       in_axes=(None, None, 0, 0, 0, 0, None, 0),
     )
-    accuracy = np.asarray(acc_fn(prep.x, y, train_idx, eval_idx, kept_idx, kept_mask, prep.tap_of, params))
+    correct = np.asarray(acc_fn(prep.x, y, train_idx, eval_idx, kept_idx, kept_mask, prep.tap_of, params))
+    accuracy = correct.astype(np.float64) / eval_idx.shape[1]
   return GridRun(
     kept_idx=np.asarray(kept_idx),
     kept_mask=np.asarray(kept_mask),

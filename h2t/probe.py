@@ -422,7 +422,7 @@ def train_kept_features(
   # [H, m, K], built once: a step then reads contiguous rows instead of
   # gathering scattered columns (measured ~20x faster on the CPU).
   xh = jax.vmap(transform_kept, in_axes=(None, 0, 0, None, None, None, None))(
-      xt, kept_idx, kept_mask, tap_of, num_taps, mode, stats
+    xt, kept_idx, kept_mask, tap_of, num_taps, mode, stats
   )
   local = batch_indices(k_data, train_idx.shape[0], spec.training_steps, spec.batch_size)
   params, losses = _train_heads(params, hp, local, lambda b: xh[:, b, :], y[train_idx], spec, None, 0)
@@ -443,7 +443,11 @@ def kept_accuracy(
   num_taps: int,
   mode: str,
 ) -> jax.Array:
-  """Accuracy `[H]` of stage-2 heads on `eval_idx`."""
+  """Correct predictions `[H]` (int32) of stage-2 heads on `eval_idx`.
+
+  Counts, not fractions: float32 means of equal counts can differ in the last
+  bit, which would break the grid's first-on-ties choice.
+  """
   stats = None
   if mode == "per_feature":
     xt = x[train_idx]
@@ -452,6 +456,6 @@ def kept_accuracy(
 
   def one(idx, mask, p):
     logits = logits_fn(p, transform_kept(xe, idx, mask, tap_of, num_taps, mode, stats))
-    return (logits.argmax(-1) == y[eval_idx]).mean()
+    return (logits.argmax(-1) == y[eval_idx]).sum()
 
   return jax.vmap(one)(kept_idx, kept_mask, params)
