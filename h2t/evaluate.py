@@ -219,7 +219,22 @@ def cross_validate_grid(
       next(lr for lr in learnings if json.dumps(lr.to_dict(), sort_keys=True, default=str) == d)
       for d in distinct
     ]
+    logging.info(
+      "%s: training %d grid point(s) x %d folds on %d features (one program per stage)...",
+      method,
+      len(firsts),
+      base.NUM_FOLDS,
+      prep.dim,
+    )
+    t0 = time.perf_counter()
     got = head2toe.cross_validate(prep, labels, firsts, seed=int(config.seed), num_classes=num_classes)
+    steps = int(firsts[0].training_steps) * len(firsts) * base.NUM_FOLDS
+    logging.info(
+      "%s: done in %.1fs (%.0f head-steps/s)",
+      method,
+      time.perf_counter() - t0,
+      steps / (time.perf_counter() - t0),
+    )
     for i, lr in zip(members, learnings, strict=True):
       acc[i] = got[distinct.index(json.dumps(lr.to_dict(), sort_keys=True, default=str))]
   for i, (overrides, _) in enumerate(points):
@@ -461,6 +476,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
           "final_train_loss": head.meta["final_train_loss"],
         }
       )
+      if method in GRID_METHODS:  # steps of both stages (head2toe) / wall time, compile included
+        stages = 2 if method == "head2toe" else 1
+        steps = int(points[chosen[method]][1].learning.training_steps) * stages
+        results["methods"][method]["probe_steps_per_s"] = steps / timings[f"fit_{method}"]
       logging.info("%s: test accuracy %.4f with %d features", method, test_acc[method], head.num_features)
   results["timings_s"] = timings
   results["peak_rss_mib"] = _peak_rss_mib()

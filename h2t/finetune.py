@@ -123,14 +123,7 @@ def is_trainable(path: str, *, train_backbone: bool = True) -> bool:
 
 def _optimizer(spec: StepSpec) -> optax.GradientTransformation:
   """The update direction before the learning rate: the choices of `h2t.probe`."""
-  parts = []
-  if spec.grad_clip_value > 0:
-    parts.append(optax.clip(spec.grad_clip_value))
-  if spec.optimizer == "adam":
-    parts.append(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-7))  # Keras' epsilon
-  else:
-    parts.append(optax.trace(decay=0.9))
-  return optax.chain(*parts)
+  return probe.update_direction(spec.optimizer, spec.grad_clip_value)
 
 
 def _learning_rate(step: jax.Array, base_lr: jax.Array, total: jax.Array, spec: StepSpec) -> jax.Array:

@@ -151,6 +151,12 @@ class Head:
     """Logits `[n, classes]`."""
     return np.asarray(probe.predict(self.params, self.transform(features)))
 
+  def predict_images(self, images, backbone=None) -> tuple[np.ndarray, np.ndarray]:
+    """Classifies raw images: `(labels [n], probs [n, classes])`; see `h2t.predict.predict_images`."""
+    from h2t import predict
+
+    return predict.predict_images(self, images, backbone)
+
   def save(self, path: str) -> None:
     """Writes the head as one `.npz` file, atomically."""
     arrays = {f"kept/{t}": v for t, v in self.kept.items()}

@@ -41,6 +41,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   _hide_gpus_from_tensorflow()
   import jax
+
+  if FLAGS.multihost:
+    jax.distributed.initialize()
   from clu import metric_writers
 
   from h2t import evaluate

@@ -156,16 +156,24 @@ def learning_rate_at(step: jax.Array, hp: HParams, spec: TrainSpec) -> jax.Array
   return hp.learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
 
 
-def _direction(spec: TrainSpec) -> optax.GradientTransformation:
-  """The optimiser's update direction, before the learning rate is applied."""
+def update_direction(optimizer: str, grad_clip_value: float) -> optax.GradientTransformation:
+  """The optimiser's update direction, before the learning rate is applied.
+
+  'adam' (Keras' epsilon 1e-7) or 'sgd' (momentum 0.9), with entries clipped to
+  [-v, v] first when `grad_clip_value` v > 0, as the reference's options.
+  """
   parts = []
-  if spec.grad_clip_value > 0:
-    parts.append(optax.clip(spec.grad_clip_value))
-  if spec.optimizer == "adam":
-    parts.append(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-7))  # Keras' epsilon
+  if grad_clip_value > 0:
+    parts.append(optax.clip(grad_clip_value))
+  if optimizer == "adam":
+    parts.append(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-7))
   else:
     parts.append(optax.trace(decay=0.9))
   return optax.chain(*parts)
+
+
+def _direction(spec: TrainSpec) -> optax.GradientTransformation:
+  return update_direction(spec.optimizer, spec.grad_clip_value)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "num_groups"))

@@ -35,8 +35,8 @@ class MainTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as workdir:
       proc = run_main(workdir, *FAST)
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-      self.assertIn("head2toe  test accuracy", proc.stdout)
-      self.assertIn("linear    test accuracy", proc.stdout)
+      self.assertRegex(proc.stdout, r"head2toe +CV accuracy +[\d.]+% +test accuracy +[\d.]+%")
+      self.assertRegex(proc.stdout, r"linear +CV accuracy +[\d.]+% +test accuracy +[\d.]+%")
       with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
       self.assertEqual(results["task"], "digits")

@@ -70,6 +70,8 @@ class PredictTest(absltest.TestCase):
     labels, _ = predict.predict_images(self.head, self.images[:5])  # no backbone given
     expected, _ = predict.predict_images(self.head, self.images[:5], self.backbone)
     np.testing.assert_array_equal(labels, expected)
+    # The same through the Head API.
+    np.testing.assert_array_equal(self.head.predict_images(self.images[:5], self.backbone)[0], expected)
 
   def test_list_of_images_of_different_sizes(self):
     small = list(self.images[:3])

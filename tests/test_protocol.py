@@ -43,6 +43,12 @@ def results(workdir):
     return json.load(f)
 
 
+def outcome(r):
+  """What must not change between equivalent runs (timings may)."""
+  keys = ("test_accuracy", "valid_accuracy", "chosen_point", "kept_per_tap", "num_kept", "final_train_loss")
+  return {m: {k: v.get(k) for k in keys} for m, v in r["methods"].items()}
+
+
 class ProtocolRunsTest(absltest.TestCase):
   """One reference run, then the cache, resuming and 4 devices are checked against it."""
 
@@ -79,7 +85,7 @@ class ProtocolRunsTest(absltest.TestCase):
       self.assertEqual(run_main(workdir).returncode, 0)
       r2 = results(workdir)
       self.assertTrue(r2["train_features_cached"])
-      self.assertEqual(r2["methods"], self.reference["methods"])
+      self.assertEqual(outcome(r2), outcome(self.reference))
       self.assertEqual(r2["grid"], self.reference["grid"])
 
       # A changed target size must not read the old features.
@@ -99,7 +105,7 @@ class ProtocolRunsTest(absltest.TestCase):
       self.assertIn("rebuilding", again.stderr)
       r3 = results(workdir)
       self.assertFalse(r3["train_features_cached"])
-      self.assertEqual(r3["methods"], self.reference["methods"])
+      self.assertEqual(outcome(r3), outcome(self.reference))
 
   def test_killed_during_extraction_then_resumed(self):
     with tempfile.TemporaryDirectory() as workdir:
@@ -126,7 +132,7 @@ class ProtocolRunsTest(absltest.TestCase):
       self.assertFalse(os.path.exists(os.path.join(workdir, "results.json")))
       resumed = run_main(workdir)
       self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
-      self.assertEqual(results(workdir)["methods"], self.reference["methods"])
+      self.assertEqual(outcome(results(workdir)), outcome(self.reference))
 
   def test_four_simulated_devices_give_the_same_results(self):
     with tempfile.TemporaryDirectory() as four:
