@@ -17,6 +17,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string(
   "workdir", None, "Folder for results.json, heads, caches, TensorBoard events and the log."
 )
+flags.DEFINE_bool(
+  "multihost",
+  False,
+  "Call jax.distributed.initialize() first: a multi-host run, settings from the environment.",
+)
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/vtab.py).", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
