@@ -49,12 +49,7 @@ flags.DEFINE_integer("test_size", 10000, "Test images.")
 flags.DEFINE_integer("target_size", 1024, "Pooling target size per tap (configs/vtab.py's default).")
 flags.DEFINE_integer("training_steps", 500, "Steps of each probe.")
 flags.DEFINE_integer("batch_size", 64, "Images per extraction forward pass.")
-flags.DEFINE_string(
-  "sweep",
-  "learning.feature_selection.learning_config_overwrite.group_lrp_regularizer_coef=1e-3,1e-4,1e-5;"
-  "learning.feature_selection.keep_fraction=0.01,0.05,0.1,0.2",
-  "config.sweep of the grid (default: configs/vtab.py's, 12 points).",
-)
+flags.DEFINE_string("sweep", None, "config.sweep of the grid (default: the sweep of configs/vtab.py).")
 flags.DEFINE_string("out", "", "Also write the printed figures to this file.")
 
 NUM_CLASSES = 10
@@ -96,7 +91,7 @@ def resnet50_random(input_size: int) -> backbones.Backbone:
   )
 
 
-def learning_config(steps: int, sweep: str) -> ml_collections.ConfigDict:
+def learning_config(steps: int, sweep: str | None) -> ml_collections.ConfigDict:
   """configs/vtab.py's config with the given steps and sweep."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("vtab_config", os.path.join(repo, "configs", "vtab.py"))
@@ -104,7 +99,8 @@ def learning_config(steps: int, sweep: str) -> ml_collections.ConfigDict:
   spec.loader.exec_module(module)
   config = module.get_config()
   config.learning.training_steps = steps
-  config.sweep = sweep
+  if sweep is not None:
+    config.sweep = sweep
   return config
 
 

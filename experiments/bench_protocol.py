@@ -56,7 +56,7 @@ flags.DEFINE_string("task", "digits", "Task (an offline one: digits or fashion_m
 flags.DEFINE_integer("input_size", 224, "Backbone input size (EfficientNet-Lite0's own is 224).")
 flags.DEFINE_integer("target_size", 1024, "Pooling target size per tap.")
 flags.DEFINE_integer("training_steps", 500, "Steps of each probe (stage 1 and stage 2).")
-flags.DEFINE_string("sweep", None, "config.sweep of the grid (default: configs/vtab.py's, 12 points).")
+flags.DEFINE_string("sweep", None, "config.sweep of the grid (default: the sweep of configs/vtab.py).")
 flags.DEFINE_integer("fit_repeats", 3, "Timed repeats of the single-fold fit (median is reported).")
 flags.DEFINE_string("out", "", "Also write the printed figures to this file.")
 

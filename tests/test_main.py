@@ -46,7 +46,12 @@ class MainTest(absltest.TestCase):
         self.assertBetween(r["test_accuracy"], 0.0, 1.0)
         self.assertTrue(os.path.exists(os.path.join(workdir, r["head_file"])))
       h2t = results["methods"]["head2toe"]
-      self.assertEqual(h2t["num_kept"], int(results["num_features"] * 0.1))
+      # The CV chose a keep fraction from the grid; the head keeps exactly that share.
+      keep = h2t["chosen_point"]["learning.feature_selection.keep_fraction"]
+      self.assertIn(keep, (0.05, 0.1))
+      self.assertEqual(h2t["num_kept"], int(results["num_features"] * keep))
+      best = max(e["mean"] for e in results["grid"]["head2toe"])
+      self.assertEqual(h2t["valid_accuracy"], best)
       self.assertEqual(sum(h2t["kept_per_tap"].values()), h2t["num_kept"])
       self.assertEqual(set(h2t["kept_per_tap"]), set(results["taps"]))
       self.assertEqual(results["methods"]["linear"]["num_kept"], 1280)
