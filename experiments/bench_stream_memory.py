@@ -38,6 +38,7 @@ import tracemalloc
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
 
 from h2t import backbones, data, evaluate, features, head2toe
@@ -50,6 +51,7 @@ flags.DEFINE_integer("training_steps", 500, "Steps of each probe when training t
 flags.DEFINE_float("keep_fraction", 0.1, "Fraction of the features the head keeps.")
 flags.DEFINE_integer("batch_size", 64, "Test images per forward pass.")
 flags.DEFINE_list("sizes", ["1000", "10000"], "Test set sizes, the first is the baseline.")
+flags.DEFINE_integer("repeats", 1, "Fresh processes per size; the median growth is compared.")
 flags.DEFINE_string("out", "", "Also write the printed figures to this file.")
 # Set by the parent for the child processes.
 flags.DEFINE_string("child_head", "", "(internal) measure one size with the head in this file.")
@@ -86,6 +88,8 @@ def child(head_path: str, size: int) -> dict[str, float]:
   warm = base.array_task("warmup", 10, {"test": (images[: FLAGS.batch_size], labels[: FLAGS.batch_size])})
   evaluate.stream_test(backbone, warm, {"head2toe": head}, config)
   task = base.array_task(f"{TASK}_test{size}", 10, {"test": (images, labels)})
+  rss_between_batches: list[int] = []
+  task = _sampling(task, rss_between_batches)
   gc.collect()
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM to the current RSS
@@ -96,6 +100,9 @@ def child(head_path: str, size: int) -> dict[str, float]:
   seconds = time.perf_counter() - start
   _, traced_peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()
+  rss = np.asarray(rss_between_batches[1:], np.float64) / 1024  # after each batch but the last
+  seen = FLAGS.batch_size * np.arange(1, len(rss) + 1)
+  slope = float(np.polyfit(seen, rss, 1)[0]) * 1000 if len(rss) > 1 else 0.0
   return {
     "size": size,
     "rss_before_mib": rss_before / 1024,
@@ -105,7 +112,22 @@ def child(head_path: str, size: int) -> dict[str, float]:
     "seconds": seconds,
     "accuracy": accuracy,
     "data_mib": images.nbytes / 2**20,
+    "rss_between_batches_mib": [float(rss.min()), float(np.median(rss)), float(rss.max())]
+    if len(rss)
+    else [],
+    "rss_slope_mib_per_1000": slope,
   }
+
+
+def _sampling(task: base.Task, samples: list[int]) -> base.Task:
+  """`task`, noting the RSS (KiB) each time the stream asks for the next batch."""
+
+  def read(split: str, batch_size: int, image_size: int):
+    for batch in task.read(split, batch_size, image_size):
+      samples.append(_status_kib("VmRSS"))
+      yield batch
+
+  return base.Task(task.name, task.num_classes, task.split_sizes, read)
 
 
 def train_head(path: str) -> tuple[head2toe.Head, int]:
@@ -171,7 +193,7 @@ def main(argv):
       f"per image); test streamed in batches of {FLAGS.batch_size}"
     )
     rows = []
-    for size in [int(s) for s in FLAGS.sizes]:
+    for size in [int(s) for s in FLAGS.sizes for _ in range(FLAGS.repeats)]:
       cmd = [sys.executable, os.path.abspath(__file__), f"--child_head={head_path}", f"--child_size={size}"]
       cmd += [f"--input_size={FLAGS.input_size}", f"--batch_size={FLAGS.batch_size}"]
       proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -186,19 +208,26 @@ def main(argv):
         f"growth {r['growth_mib']:6.1f} MiB; tracemalloc peak {r['tracemalloc_peak_mib']:6.2f} MiB; "
         f"{r['seconds']:.1f} s ({size / r['seconds']:.0f} images/s); accuracy {r['accuracy']:.4f} "
         f"(test images held: {r['data_mib']:.1f} MiB; a full feature matrix of the kept taps would be "
-        f"{full:.0f} MiB)"
+        f"{full:.0f} MiB); RSS between batches min/median/max "
+        + "/".join(f"{v:.0f}" for v in r["rss_between_batches_mib"])
+        + f" MiB, trend {r['rss_slope_mib_per_1000']:+.2f} MiB per 1000 images"
       )
-  base_row, big = rows[0], rows[-1]
-  rel = (big["growth_mib"] - base_row["growth_mib"]) / max(base_row["growth_mib"], 1e-9)
-  rel_traced = (big["tracemalloc_peak_mib"] - base_row["tracemalloc_peak_mib"]) / max(
-    base_row["tracemalloc_peak_mib"], 1e-9
-  )
+  first, last = int(FLAGS.sizes[0]), int(FLAGS.sizes[-1])
+
+  def median(size: int, key: str) -> float:
+    return float(np.median([r[key] for r in rows if r["size"] == size]))
+
+  growth = {n: median(n, "growth_mib") for n in (first, last)}
+  traced = {n: median(n, "tracemalloc_peak_mib") for n in (first, last)}
+  rel = (growth[last] - growth[first]) / max(growth[first], 1e-9)
+  rel_traced = (traced[last] - traced[first]) / max(traced[first], 1e-9)
   ok = rel <= TARGET
   say(
-    f"verdict: {'PASS' if ok else 'FAIL'} -- peak RSS growth at {big['size']} test images is "
-    f"{big['growth_mib']:.1f} MiB vs {base_row['growth_mib']:.1f} MiB at {base_row['size']} ({100 * rel:+.1f}%; "
-    f"target within {100 * TARGET:.0f}%); tracemalloc peak {100 * rel_traced:+.1f}%; load average at end "
-    f"{os.getloadavg()[0]:.1f}"
+    f"verdict: {'PASS' if ok else 'FAIL'} -- peak RSS growth at {last} test images is {growth[last]:.1f} MiB "
+    f"vs {growth[first]:.1f} MiB at {first} ({100 * rel:+.1f}%; target within {100 * TARGET:.0f}%; median of "
+    f"{FLAGS.repeats} process(es) each); tracemalloc peak {100 * rel_traced:+.1f}%; RSS trend over the "
+    f"{last}-image stream {median(last, 'rss_slope_mib_per_1000'):+.2f} MiB per 1000 images; load average at "
+    f"end {os.getloadavg()[0]:.1f}"
   )
   if FLAGS.out:
     say.write(FLAGS.out)

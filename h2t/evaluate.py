@@ -307,6 +307,7 @@ def _kept_per_tap(head: head2toe.Head, tap_sizes: dict[str, int]) -> dict[str, i
 def atomic_write_json(path: str, obj: Any) -> None:
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.json")
+  head2toe._readable(fd)  # noqa: SLF001 -- same package
   with os.fdopen(fd, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)

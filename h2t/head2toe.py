@@ -177,12 +177,20 @@ class Head:
     return cls(kept, params, header["normalization"], stats, header["meta"])
 
 
+def _readable(fd: int) -> None:
+  """mkstemp makes files 0600; results are ordinary files (0666 less the umask)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.fchmod(fd, 0o666 & ~umask)
+
+
 def atomic_savez(path: str, arrays: Mapping[str, np.ndarray]) -> None:
   """`np.savez` to a temporary file in the same folder, then rename."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.npz")
   try:
+    _readable(fd)
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **arrays)
     os.replace(tmp, path)
