@@ -120,9 +120,12 @@ class Printer:
       f.write("\n".join(self.lines) + "\n")
 
 
-def device_peak_mib() -> float:
+def device_peak() -> str:
+  """The device's peak memory in use, where the backend reports it."""
   stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use", float("nan")) / 2**20
+  if "peak_bytes_in_use" not in stats:
+    return "n/a (not reported by this backend)"
+  return f"{stats['peak_bytes_in_use'] / 2**20:.0f} MiB"
 
 
 def main(argv):
@@ -211,7 +214,7 @@ def main(argv):
   say(
     f"protocol total (cold: extraction + CV + final fit + test): {total:.1f} s; peak host RSS "
     f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; peak device memory "
-    f"{device_peak_mib():.0f} MiB"
+    f"{device_peak()}"
   )
   say(f"verdict: ran on {dev.platform} ({dev.device_kind}); protocol for one task in {total:.1f} s")
   if FLAGS.out:

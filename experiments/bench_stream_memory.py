@@ -16,11 +16,16 @@ size, starts a fresh Python process that
 
 The growth of the peak over the RSS before streaming is what the test set
 costs. Each size runs in its own process because a peak is a high-water mark.
+The RSS is also sampled between batches (when the stream asks for the next
+one), and its trend is fitted, to tell a leak (a steady slope) from the
+allocator's ramp-up (a rise that levels off). `--malloc_mmap_threshold` runs
+the children with a fixed glibc mmap threshold, to separate what h2t keeps
+from what glibc keeps after XLA frees its large buffers.
 Goal: the growth at 10,000 images within 10% of that at 1,000.
 
   python experiments/bench_stream_memory.py
-  python experiments/bench_stream_memory.py --input_size=64 \
-      --out=experiments/results/bench_stream_memory_cpu.txt
+  python experiments/bench_stream_memory.py --input_size=112 --repeats=3 \
+      --malloc_mmap_threshold=131072 --out=experiments/results/bench_stream_memory_cpu.txt
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ flags.DEFINE_integer("training_steps", 500, "Steps of each probe when training t
 flags.DEFINE_float("keep_fraction", 0.1, "Fraction of the features the head keeps.")
 flags.DEFINE_integer("batch_size", 64, "Test images per forward pass.")
 flags.DEFINE_list("sizes", ["1000", "10000"], "Test set sizes, the first is the baseline.")
+flags.DEFINE_integer(
+  "malloc_mmap_threshold",
+  0,
+  "If > 0, run the children with MALLOC_MMAP_THRESHOLD_=this (bytes): a fixed glibc mmap threshold, "
+  "so freed large buffers go back to the OS instead of raising the threshold (0: glibc's default).",
+)
 flags.DEFINE_integer("repeats", 1, "Fresh processes per size; the median growth is compared.")
 flags.DEFINE_string("out", "", "Also write the printed figures to this file.")
 # Set by the parent for the child processes.
@@ -103,6 +114,8 @@ def child(head_path: str, size: int) -> dict[str, float]:
   rss = np.asarray(rss_between_batches[1:], np.float64) / 1024  # after each batch but the last
   seen = FLAGS.batch_size * np.arange(1, len(rss) + 1)
   slope = float(np.polyfit(seen, rss, 1)[0]) * 1000 if len(rss) > 1 else 0.0
+  half = len(rss) // 2  # the second half: past the allocator's ramp-up
+  slope_late = float(np.polyfit(seen[half:], rss[half:], 1)[0]) * 1000 if len(rss) - half > 1 else 0.0
   return {
     "size": size,
     "rss_before_mib": rss_before / 1024,
@@ -116,6 +129,7 @@ def child(head_path: str, size: int) -> dict[str, float]:
     if len(rss)
     else [],
     "rss_slope_mib_per_1000": slope,
+    "rss_slope_late_mib_per_1000": slope_late,
   }
 
 
@@ -190,13 +204,21 @@ def main(argv):
       f"# head: {BACKBONE} at {FLAGS.input_size} px, all taps pooled to target {FLAGS.target_size}, trained on "
       f"{TASK}'s 1000 training images ({FLAGS.training_steps} steps, keep fraction {FLAGS.keep_fraction}): "
       f"{head.num_features} features kept from {len(head.kept)} taps ({kept_width} pooled features to compute "
-      f"per image); test streamed in batches of {FLAGS.batch_size}"
+      f"per image); test streamed in batches of {FLAGS.batch_size}; glibc malloc: "
+      + (
+        f"MALLOC_MMAP_THRESHOLD_={FLAGS.malloc_mmap_threshold} (fixed)"
+        if FLAGS.malloc_mmap_threshold > 0
+        else "default (dynamic mmap threshold)"
+      )
     )
     rows = []
     for size in [int(s) for s in FLAGS.sizes for _ in range(FLAGS.repeats)]:
       cmd = [sys.executable, os.path.abspath(__file__), f"--child_head={head_path}", f"--child_size={size}"]
       cmd += [f"--input_size={FLAGS.input_size}", f"--batch_size={FLAGS.batch_size}"]
-      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      env = dict(os.environ)
+      if FLAGS.malloc_mmap_threshold > 0:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(FLAGS.malloc_mmap_threshold)
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
       lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
       if proc.returncode or not lines:
         raise RuntimeError(f"child for {size} images failed:\n{proc.stderr[-4000:]}")
@@ -210,7 +232,8 @@ def main(argv):
         f"(test images held: {r['data_mib']:.1f} MiB; a full feature matrix of the kept taps would be "
         f"{full:.0f} MiB); RSS between batches min/median/max "
         + "/".join(f"{v:.0f}" for v in r["rss_between_batches_mib"])
-        + f" MiB, trend {r['rss_slope_mib_per_1000']:+.2f} MiB per 1000 images"
+        + f" MiB, trend {r['rss_slope_mib_per_1000']:+.2f} MiB per 1000 images (second half "
+        + f"{r['rss_slope_late_mib_per_1000']:+.2f})"
       )
   first, last = int(FLAGS.sizes[0]), int(FLAGS.sizes[-1])
 
@@ -221,12 +244,19 @@ def main(argv):
   traced = {n: median(n, "tracemalloc_peak_mib") for n in (first, last)}
   rel = (growth[last] - growth[first]) / max(growth[first], 1e-9)
   rel_traced = (traced[last] - traced[first]) / max(traced[first], 1e-9)
+  peak = {n: median(n, "peak_mib") for n in (first, last)}
+  say(
+    f"peak RSS of the whole process (same setup, only the test size differs): {peak[last]:.1f} MiB at {last} vs "
+    f"{peak[first]:.1f} MiB at {first}: {peak[last] - peak[first]:+.1f} MiB, "
+    f"{100 * (peak[last] - peak[first]) / max(growth[first], 1e-9):+.1f}% of the streamed test's growth at {first}"
+  )
   ok = rel <= TARGET
   say(
     f"verdict: {'PASS' if ok else 'FAIL'} -- peak RSS growth at {last} test images is {growth[last]:.1f} MiB "
     f"vs {growth[first]:.1f} MiB at {first} ({100 * rel:+.1f}%; target within {100 * TARGET:.0f}%; median of "
     f"{FLAGS.repeats} process(es) each); tracemalloc peak {100 * rel_traced:+.1f}%; RSS trend over the "
-    f"{last}-image stream {median(last, 'rss_slope_mib_per_1000'):+.2f} MiB per 1000 images; load average at "
+    f"{last}-image stream {median(last, 'rss_slope_mib_per_1000'):+.2f} MiB per 1000 images (second half "
+    f"{median(last, 'rss_slope_late_mib_per_1000'):+.2f}); load average at "
     f"end {os.getloadavg()[0]:.1f}"
   )
   if FLAGS.out:

@@ -237,9 +237,15 @@ class Prepared:
 
   def unit_vector(self) -> jax.Array:
     """`x` with each tap's vector scaled to unit norm (stage-1 input)."""
-    sq = jax.vmap(lambda row: jax.ops.segment_sum(row * row, self.tap_of, len(self.taps)))(self.x)
-    norms = jnp.sqrt(sq)[:, self.tap_of]
-    return jnp.where(norms > 0, self.x / jnp.where(norms > 0, norms, 1.0), 0.0)
+    return _unit_vector_per_tap(self.x, self.tap_of, len(self.taps))
+
+
+@functools.partial(jax.jit, static_argnames=("num_taps",))
+def _unit_vector_per_tap(x: jax.Array, tap_of: jax.Array, num_taps: int) -> jax.Array:
+  # Jitted: eagerly this took 1.07 s on [1000, 42488], jitted 0.20 s.
+  sq = jax.ops.segment_sum((x * x).T, tap_of, num_taps, indices_are_sorted=True).T
+  norms = jnp.sqrt(sq)[:, tap_of]
+  return jnp.where(norms > 0, x / jnp.where(norms > 0, norms, 1.0), 0.0)
 
 
 def prepare(features: Mapping[str, np.ndarray]) -> Prepared:
@@ -420,13 +426,19 @@ def run_grid(
   hp2 = probe.HParams(
     *[jnp.asarray(col, jnp.float32) for col in zip(*[tuple(hparams(lr)) for lr in learnings], strict=True)]
   )
-  stage2 = jax.vmap(
-    functools.partial(
-      probe.train_kept_features, spec=train_spec(base, num_classes), num_taps=len(prep.taps), mode=mode
-    ),
-    in_axes=(None, None, 0, 0, 0, None, None, 0),
+  params, losses = probe.train_kept_features_folds(
+    prep.x,
+    y,
+    train_idx,
+    kept_idx,
+    kept_mask,
+    prep.tap_of,
+    hp2,
+    keys_head,
+    spec=train_spec(base, num_classes),
+    num_taps=len(prep.taps),
+    mode=mode,
   )
-  params, losses = stage2(prep.x, y, train_idx, kept_idx, kept_mask, prep.tap_of, hp2, keys_head)
   accuracy = None
   if folds[0][1] is not None:
     eval_idx = jnp.asarray(np.stack([f[1] for f in folds]), jnp.int32)

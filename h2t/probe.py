@@ -437,6 +437,36 @@ def train_kept_features(
   return params, losses
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "num_taps", "mode"))
+def train_kept_features_folds(
+  x: jax.Array,
+  y: jax.Array,
+  train_idx: jax.Array,
+  kept_idx: jax.Array,
+  kept_mask: jax.Array,
+  tap_of: jax.Array,
+  hp: HParams,
+  keys: jax.Array,
+  *,
+  spec: TrainSpec,
+  num_taps: int,
+  mode: str,
+) -> tuple[Params, jax.Array]:
+  """`train_kept_features` for every fold (leading axis F of the fold arguments).
+
+  Folds run one after another inside the one program (`lax.map`), so the
+  `[H, m, K]` kept-feature array exists for one fold at a time: vmapping the
+  folds held `[F, H, m, K]` (3.3 GB for 24 points x 5 folds on digits) and was
+  no faster on the CPU (experiments/results/bench_grid_cpu.txt).
+  """
+
+  def one(args):
+    tr, ki, km, key = args
+    return train_kept_features(x, y, tr, ki, km, tap_of, hp, key, spec=spec, num_taps=num_taps, mode=mode)
+
+  return jax.lax.map(one, (train_idx, kept_idx, kept_mask, keys))
+
+
 @functools.partial(jax.jit, static_argnames=("num_taps", "mode"))
 def kept_accuracy(
   x: jax.Array,
