@@ -120,9 +120,8 @@ class ProtocolRunsTest(absltest.TestCase):
       proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
       # Kill it once extraction has started: the log names the grid just before it.
       log = os.path.join(workdir, "log.txt")
-      deadline = time.time() + 300
-      while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(log) and "grid point" in open(log).read():
+      for _ in range(3000):  # up to ~5 minutes of polling
+        if proc.poll() is not None or (os.path.exists(log) and "grid point" in open(log).read()):
           break
         time.sleep(0.1)
       time.sleep(1.0)
