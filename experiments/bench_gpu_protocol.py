@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from bench_common import Printer, load_config  # noqa: F401 -- experiments/ is on sys.path
 
 from h2t import backbones, evaluate, features, grid, head2toe
 from h2t.data import base
@@ -102,22 +103,6 @@ def learning_config(steps: int, sweep: str | None) -> ml_collections.ConfigDict:
   if sweep is not None:
     config.sweep = sweep
   return config
-
-
-class Printer:
-  """Prints lines as they come and keeps them for `--out`."""
-
-  def __init__(self):
-    self.lines: list[str] = []
-
-  def __call__(self, line: str = "") -> None:
-    print(line, flush=True)
-    self.lines.append(line)
-
-  def write(self, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      f.write("\n".join(self.lines) + "\n")
 
 
 def device_peak() -> str:

@@ -25,7 +25,6 @@ one run.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import time
@@ -34,6 +33,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from absl import app, flags
+from bench_common import Printer, load_config  # noqa: F401 -- experiments/ is on sys.path
 
 from h2t import backbones, data, features, grid, head2toe
 from h2t.data import base
@@ -50,14 +50,6 @@ flags.DEFINE_string("out", "", "Also write the printed figures to this file.")
 
 TARGET_RATIO = 3.0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config():
-  """`configs/vtab.py`'s default config (the offline default)."""
-  spec = importlib.util.spec_from_file_location("vtab_config", os.path.join(REPO, "configs", "vtab.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def sweep_string(keep_fractions: Sequence[str], coefs: Sequence[str], learning_rates: Sequence[str]) -> str:
@@ -92,22 +84,6 @@ def timed(fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
   start = time.perf_counter()
   out = fn()
   return time.perf_counter() - start, out
-
-
-class Printer:
-  """Prints lines as they come and keeps them for `--out`."""
-
-  def __init__(self):
-    self.lines: list[str] = []
-
-  def __call__(self, line: str = "") -> None:
-    print(line, flush=True)
-    self.lines.append(line)
-
-  def write(self, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      f.write("\n".join(self.lines) + "\n")
 
 
 def main(argv):

@@ -37,7 +37,6 @@ Goal: h2t's protocol at least 50x faster than the reference's.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import shutil
@@ -47,6 +46,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from bench_common import Printer, load_config  # noqa: F401 -- experiments/ is on sys.path
 
 from h2t import backbones, data, evaluate, features, grid, head2toe
 from h2t.data import base
@@ -65,30 +65,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUPPORT, QUERY, TRAIN = 800, 200, 1000
 # Backbone passes per episode in the reference (see the module docstring).
 SUPPORT_EMBEDDINGS_PER_EPISODE = 3
-
-
-def load_config():
-  """`configs/vtab.py`'s default config (the offline default)."""
-  spec = importlib.util.spec_from_file_location("vtab_config", os.path.join(REPO, "configs", "vtab.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-class Printer:
-  """Prints lines as they come and keeps them for `--out`."""
-
-  def __init__(self):
-    self.lines: list[str] = []
-
-  def __call__(self, line: str = "") -> None:
-    print(line, flush=True)
-    self.lines.append(line)
-
-  def write(self, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      f.write("\n".join(self.lines) + "\n")
 
 
 def median_seconds(fn, repeats: int) -> float:

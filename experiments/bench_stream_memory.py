@@ -45,6 +45,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
+from bench_common import Printer, load_config  # noqa: F401 -- experiments/ is on sys.path
 
 from h2t import backbones, data, evaluate, features, head2toe
 from h2t.data import base
@@ -168,22 +169,6 @@ def _default_learning() -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config().learning
-
-
-class Printer:
-  """Prints lines as they come and keeps them for `--out`."""
-
-  def __init__(self):
-    self.lines: list[str] = []
-
-  def __call__(self, line: str = "") -> None:
-    print(line, flush=True)
-    self.lines.append(line)
-
-  def write(self, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      f.write("\n".join(self.lines) + "\n")
 
 
 def main(argv):
