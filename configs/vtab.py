@@ -77,7 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.learning.train_batch_size = 128
   config.learning.eval_batch_size = 50
   config.learning.feature_normalization = "unit_vector"  # unit_vector | per_feature | ''
-  config.learning.output_head_zeroinit = False
+  config.learning.output_head_zeroinit = False  # First layer of the head starts at zeros.
+  # nohidden (linear head), random_N (a frozen random ReLU layer of N units
+  # first), trainable_N (the same layer, trained); N = 0 means N = classes.
+  config.learning.output_head_type = "nohidden"
   # Method 'finetune': its learning rate and steps are these multiples of the above.
   config.learning.finetune_lr_multiplier = 1.0
   config.learning.finetune_steps_multiplier = 1.0

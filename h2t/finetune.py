@@ -240,6 +240,12 @@ def fit(
   """
   if tap not in backbone.tap_names:
     raise ValueError(f"tap {tap!r} is not a tap of {backbone.name}; expected one of {backbone.tap_names}")
+  head_type = learning.get("output_head_type", "nohidden")
+  if head_type != "nohidden":
+    raise ValueError(
+      f"output_head_type={head_type!r}: fine-tuning trains a linear head only; "
+      "set learning.output_head_type='nohidden' for the finetune method"
+    )
   if train_backbone:
     learning = finetune_learning(learning)
   spec = step_spec(learning, tap=tap, train_backbone=train_backbone)

@@ -76,6 +76,9 @@ def normalize(
 
 def train_spec(learning: ml_collections.ConfigDict, num_classes: int) -> probe.TrainSpec:
   """The static trainer settings of a `config.learning`."""
+  hidden_units, hidden_trainable = probe.parse_output_head_type(
+    learning.get("output_head_type", "nohidden"), num_classes
+  )
   return probe.TrainSpec(
     num_classes=num_classes,
     training_steps=int(learning.training_steps),
@@ -86,6 +89,8 @@ def train_spec(learning: ml_collections.ConfigDict, num_classes: int) -> probe.T
     group_r=probe.norm_order(learning.group_lrp_regularizer_r),
     group_p=probe.norm_order(learning.group_lrp_regularizer_p),
     zero_init=bool(learning.output_head_zeroinit),
+    hidden_units=hidden_units,
+    hidden_trainable=hidden_trainable,
   )
 
 
@@ -117,7 +122,9 @@ class Head:
   Attributes:
     kept: `{tap: int indices into that tap's pooled features}`, in tap order;
       taps with no kept feature are absent.
-    params: `{'w': [k, classes], 'b': [classes]}`.
+    params: `{'w': [k, classes], 'b': [classes]}`; with a hidden layer
+      (`output_head_type` random_N / trainable_N) also `{'hidden_w': [k, N],
+      'hidden_b': [N]}` and `w` is `[N, classes]`.
     normalization: 'unit_vector', 'per_feature' or ''.
     stats: per-feature mean/var for 'per_feature', else None.
     meta: JSON-able facts needed to reuse the head (backbone name and
@@ -210,6 +217,7 @@ def _check_learning(learning: ml_collections.ConfigDict) -> None:
     )
   if fs.average_over_k < 1:
     raise ValueError(f"feature_selection.average_over_k={fs.average_over_k}; expected >= 1")
+  probe.parse_output_head_type(learning.get("output_head_type", "nohidden"), 1)
 
 
 FINAL_FOLD = 1000  # key id of a fit on all training examples (CV folds are 0..4)
@@ -298,7 +306,8 @@ class GridRun:
 
   Attributes:
     kept_idx, kept_mask: `[F, P, K]` kept global feature indices (padded).
-    params: `{'w': [F, P, K, C], 'b': [F, P, C]}` stage-2 heads.
+    params: `{'w': [F, P, K, C], 'b': [F, P, C]}` stage-2 heads (with a
+      hidden layer, `hidden_w [F, P, K, N]` is the padded kernel).
     losses: `[F, P, steps]` stage-2 minibatch losses.
     accuracy: `[F, P]` accuracy on each fold's evaluation indices, or None.
   """
@@ -538,7 +547,8 @@ def head_from_run(
   mask = run.kept_mask[fold, point] > 0
   global_idx = run.kept_idx[fold, point][mask]
   kept = {t: v for t, v in selection.indices_per_tap(global_idx, prep.taps, prep.sizes).items() if len(v)}
-  params = {"w": run.params["w"][fold, point][mask], "b": run.params["b"][fold, point]}
+  first = probe.first_kernel_name(run.params)
+  params = {k: v[fold, point][mask] if k == first else v[fold, point] for k, v in run.params.items()}
   stats = None
   if learning.feature_normalization == "per_feature":
     x = np.asarray(prep.x)[:, global_idx]

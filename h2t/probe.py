@@ -43,7 +43,11 @@ class TrainSpec:
     grad_clip_value: clip each gradient entry to [-v, v] when v > 0.
     group_r: inner norm order of the group penalty (float or math.inf).
     group_p: outer norm order of the group penalty.
-    zero_init: start the kernel at zeros instead of Glorot-uniform.
+    zero_init: start the first kernel at zeros instead of Glorot-uniform.
+    hidden_units: 0 for a linear head (the reference's 'nohidden'); else a
+      hidden ReLU layer of this width comes first ('random_N', 'trainable_N').
+    hidden_trainable: whether the hidden layer is trained ('trainable_N') or
+      stays at its random initialisation ('random_N').
   """
 
   num_classes: int
@@ -55,6 +59,8 @@ class TrainSpec:
   group_r: float = 2.0
   group_p: float = 1.0
   zero_init: bool = False
+  hidden_units: int = 0
+  hidden_trainable: bool = True
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -64,6 +70,13 @@ class TrainSpec:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected a positive number or 'inf'")
     if self.training_steps < 1 or self.batch_size < 1:
       raise ValueError("training_steps and batch_size must be positive")
+    if self.hidden_units < 0:
+      raise ValueError(f"hidden_units={self.hidden_units}; expected >= 0")
+
+  @property
+  def first_width(self) -> int:
+    """Width of the layer that reads the features (its kernel rows score them)."""
+    return self.hidden_units or self.num_classes
 
 
 class HParams(NamedTuple):
@@ -84,18 +97,83 @@ def norm_order(value: float | str) -> float:
   return float(value)
 
 
+OUTPUT_HEAD_TYPES = ("nohidden", "random_N", "trainable_N")
+# Key id of the output layer after a hidden layer in the grid programs; row
+# keys of the first kernel use ids 0..rows-1.
+OUTPUT_LAYER_KEY = 2**31 - 1
+
+
+def parse_output_head_type(value: str, num_classes: int) -> tuple[int, bool]:
+  """The reference's `output_head_type` -> `(hidden_units, hidden_trainable)`.
+
+  'nohidden' is a linear head; 'random_N' / 'trainable_N' put a hidden ReLU
+  layer of N units (N = 0: as many as classes) before it, frozen at its
+  random initialisation or trained.
+  """
+  if value == "nohidden":
+    return 0, True
+  kind, _, n = value.partition("_")
+  if kind in ("random", "trainable") and n.isdigit():
+    return int(n) or num_classes, kind == "trainable"
+  raise ValueError(
+    f"output_head_type={value!r}; expected 'nohidden', 'random_N' or 'trainable_N' with N an integer "
+    "(e.g. random_100, trainable_1000)"
+  )
+
+
+def first_kernel_name(params: Params) -> str:
+  """The kernel whose rows belong to the input features: 'hidden_w' or 'w'."""
+  return "hidden_w" if "hidden_w" in params else "w"
+
+
+def _glorot(key: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
+  return jax.nn.initializers.glorot_uniform()(key, (fan_in, fan_out), jnp.float32)
+
+
+def output_layer(key: jax.Array, spec: TrainSpec) -> Params:
+  """The layers after the first: `{'w': [hidden, classes], 'b'}` when there is a hidden layer, else {}."""
+  if not spec.hidden_units:
+    return {}
+  return {
+    "w": _glorot(key, spec.hidden_units, spec.num_classes),
+    "b": jnp.zeros((spec.num_classes,), jnp.float32),
+  }
+
+
+def assemble(first_w: jax.Array, first_b: jax.Array, rest: Params) -> Params:
+  """Head params from the first layer and `output_layer`'s (empty for a linear head)."""
+  if not rest:
+    return {"w": first_w, "b": first_b}
+  return {"hidden_w": first_w, "hidden_b": first_b, **rest}
+
+
 def init_head(key: jax.Array, dim: int, spec: TrainSpec) -> Params:
-  """A linear head: kernel `w [dim, classes]` (Glorot-uniform, as Keras), bias `b [classes]`."""
-  if spec.zero_init:
-    w = jnp.zeros((dim, spec.num_classes), jnp.float32)
-  else:
-    w = jax.nn.initializers.glorot_uniform()(key, (dim, spec.num_classes), jnp.float32)
-  return {"w": w, "b": jnp.zeros((spec.num_classes,), jnp.float32)}
+  """A head (Glorot-uniform kernels, zero biases, as Keras' Dense).
+
+  Linear: `{'w': [dim, classes], 'b': [classes]}`. With a hidden layer of N
+  units, also `{'hidden_w': [dim, N], 'hidden_b': [N]}` and `w` is `[N, classes]`.
+  """
+  width = spec.first_width
+  if spec.hidden_units:
+    key, k_out = jax.random.split(key)
+  w = jnp.zeros((dim, width), jnp.float32) if spec.zero_init else _glorot(key, dim, width)
+  rest = output_layer(k_out, spec) if spec.hidden_units else {}
+  return assemble(w, jnp.zeros((width,), jnp.float32), rest)
 
 
 def logits_fn(params: Params, x: jax.Array) -> jax.Array:
-  """`x [n, dim]` -> logits `[n, classes]`."""
+  """`x [n, dim]` -> logits `[n, classes]` (through the ReLU hidden layer when there is one)."""
+  if "hidden_w" in params:
+    x = jax.nn.relu(x @ params["hidden_w"] + params["hidden_b"])
   return x @ params["w"] + params["b"]
+
+
+def split_frozen(params: Params, spec: TrainSpec) -> tuple[Params, Params]:
+  """`(trainable, frozen)`: a 'random_N' hidden layer is frozen (no gradient, no optimiser state)."""
+  if spec.hidden_units and not spec.hidden_trainable:
+    frozen = {k: params[k] for k in ("hidden_w", "hidden_b")}
+    return {k: v for k, v in params.items() if k not in frozen}, frozen
+  return dict(params), {}
 
 
 def _safe_root(s: jax.Array, order: float) -> jax.Array:
@@ -135,10 +213,21 @@ def group_lasso(w: jax.Array, r: float = 2.0, p: float = 1.0, groups=None, num_g
 
 
 def penalty(params: Params, hp: HParams, spec: TrainSpec, groups=None, num_groups: int = 0) -> jax.Array:
-  """All kernel penalties: Keras-style L1 + L2 and the coefficient-weighted group norm."""
-  w = params["w"]
-  out = hp.l1 * jnp.abs(w).sum() + hp.l2 * (w**2).sum()
-  return out + hp.group_coef * group_lasso(w, spec.group_r, spec.group_p, groups, num_groups)
+  """All kernel penalties: Keras-style L1 + L2 and the coefficient-weighted group norm.
+
+  As the reference's Keras head, every trained kernel is penalised (with a
+  hidden layer, both). Feature groups (`groups`) apply to the first kernel;
+  the output kernel after a hidden layer is grouped by rows.
+  """
+  out = 0.0
+  for name in ("hidden_w", "w"):
+    if name not in params:
+      continue
+    w = params[name]
+    g, ng = (groups, num_groups) if name == first_kernel_name(params) else (None, 0)
+    out = out + hp.l1 * jnp.abs(w).sum() + hp.l2 * (w**2).sum()
+    out = out + hp.group_coef * group_lasso(w, spec.group_r, spec.group_p, g, ng)
+  return out
 
 
 def batch_indices(key: jax.Array, n: int, steps: int, batch_size: int) -> jax.Array:
@@ -203,13 +292,14 @@ def train(
     minibatch loss (cross-entropy + penalty).
   """
   k_init, k_data = jax.random.split(key)
-  params = init_head(k_init, x.shape[1], spec)
+  params, frozen = split_frozen(init_head(k_init, x.shape[1], spec), spec)
   idx = batch_indices(k_data, x.shape[0], spec.training_steps, spec.batch_size)
   tx = _direction(spec)
 
   def loss_fn(p, xb, yb):
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, xb), yb).mean()
-    return ce + penalty(p, hp, spec, groups, num_groups)
+    full = {**p, **frozen}
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(full, xb), yb).mean()
+    return ce + penalty(full, hp, spec, groups, num_groups)
 
   def step(carry, inputs):
     p, opt_state = carry
@@ -221,7 +311,7 @@ def train(
     return (p, opt_state), loss
 
   (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), (jnp.arange(spec.training_steps), idx))
-  return params, losses
+  return {**params, **frozen}, losses
 
 
 @jax.jit
@@ -247,7 +337,7 @@ def accuracy(params: Params, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def row_glorot(key: jax.Array, rows: int, num_classes: int, fan_in: jax.Array | int) -> jax.Array:
-  """Glorot-uniform `[rows, classes]`, row `i` drawn from `fold_in(key, i)`.
+  """Glorot-uniform `[rows, num_classes]` (the layer's width), row `i` drawn from `fold_in(key, i)`.
 
   Drawing per row makes the first `k` rows independent of `rows`, so a
   padded head starts exactly as an unpadded one.
@@ -268,17 +358,21 @@ def _fold_batches(key: jax.Array, train_idx: jax.Array, spec: TrainSpec) -> jax.
 def _train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups):
   """Trains `H` heads (leading axis of params / hp) on shared minibatches."""
   tx = _direction(spec)
+  params, frozen = split_frozen(params, spec)
 
-  def loss_fn(p, h, xb, yb):
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, xb), yb).mean()
-    return ce + penalty(p, h, spec, groups, num_groups)
+  def loss_fn(p, fz, h, xb, yb):
+    full = {**p, **fz}
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(full, xb), yb).mean()
+    return ce + penalty(full, h, spec, groups, num_groups)
 
   def step(carry, inputs):
     p, opt_state = carry
     i, b = inputs
     xb = x_fn(b)  # [H, batch, k] or [batch, D] shared by every head
     x_axis = 0 if xb.ndim == 3 else None
-    loss, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(0, 0, x_axis, None))(p, hp, xb, y[b])
+    loss, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(0, 0, 0, x_axis, None))(
+      p, frozen, hp, xb, y[b]
+    )
     updates, opt_state = jax.vmap(tx.update)(grads, opt_state, p)
     lr = jax.vmap(lambda h: learning_rate_at(i, h, spec))(hp)
     p = jax.tree_util.tree_map(lambda v, u: v - lr.reshape((-1,) + (1,) * (v.ndim - 1)) * u, p, updates)
@@ -287,7 +381,7 @@ def _train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups):
   opt_state = jax.vmap(tx.init)(params)
   steps = jnp.arange(spec.training_steps)
   (params, _), losses = jax.lax.scan(step, (params, opt_state), (steps, batches))
-  return params, losses.T
+  return {**params, **frozen}, losses.T
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "num_groups", "per_feature"))
@@ -314,18 +408,15 @@ def train_all_features(
     key: the fold's key (same for every head).
 
   Returns:
-    `(w [H, D, classes], losses [H, steps])`.
+    `(w [H, D, width], losses [H, steps])`: the first kernel of each head
+    (width = classes, or the hidden units), whose rows score the features.
   """
   num_heads = jnp.shape(hp.learning_rate)[0]
   k_init, k_data = jax.random.split(key)
-  dim = x.shape[1]
-  w0 = (
-    jnp.zeros((dim, spec.num_classes)) if spec.zero_init else row_glorot(k_init, dim, spec.num_classes, dim)
-  )
-  params = {
-    "w": jnp.broadcast_to(w0, (num_heads,) + w0.shape),
-    "b": jnp.zeros((num_heads, spec.num_classes)),
-  }
+  dim, width = x.shape[1], spec.first_width
+  w0 = jnp.zeros((dim, width)) if spec.zero_init else row_glorot(k_init, dim, width, dim)
+  one = assemble(w0, jnp.zeros((width,)), output_layer(jax.random.fold_in(k_init, OUTPUT_LAYER_KEY), spec))
+  params = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (num_heads,) + v.shape), one)
   batches = _fold_batches(k_data, train_idx, spec)
   if per_feature:
     xt = x[train_idx]
@@ -339,7 +430,7 @@ def train_all_features(
       return x[b]
 
   params, losses = _train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups)
-  return params["w"], losses
+  return params[first_kernel_name(params)], losses
 
 
 def select_top(
@@ -414,16 +505,20 @@ def train_kept_features(
 
   Returns:
     `(params {'w': [H, K, classes], 'b': [H, classes]}, losses [H, steps])`;
-    padded rows of `w` are zero.
+    padded rows of `w` are zero. With a hidden layer the padded kernel is
+    `hidden_w [H, K, hidden]` and `w` is `[H, hidden, classes]`.
   """
   k_init, k_data = jax.random.split(key)
   num_kept = kept_mask.sum(axis=1)
-  max_kept = kept_idx.shape[1]
+  num_heads, max_kept = kept_idx.shape
+  width = spec.first_width
   if spec.zero_init:
-    w = jnp.zeros((kept_idx.shape[0], max_kept, spec.num_classes))
+    w = jnp.zeros((num_heads, max_kept, width))
   else:
-    w = jax.vmap(lambda k: row_glorot(k_init, max_kept, spec.num_classes, k))(num_kept)
-  params = {"w": w * kept_mask[:, :, None], "b": jnp.zeros((kept_idx.shape[0], spec.num_classes))}
+    w = jax.vmap(lambda k: row_glorot(k_init, max_kept, width, k))(num_kept)
+  rest = output_layer(jax.random.fold_in(k_init, OUTPUT_LAYER_KEY), spec)
+  rest = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (num_heads,) + v.shape), rest)
+  params = assemble(w * kept_mask[:, :, None], jnp.zeros((num_heads, width)), rest)
   xt = x[train_idx]
   stats = (xt.mean(axis=0), xt.var(axis=0)) if mode == "per_feature" else None
   # Each head's kept, renormalised features of the fold's training set,
