@@ -84,6 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Method 'finetune': its learning rate and steps are these multiples of the above.
   config.learning.finetune_lr_multiplier = 1.0
   config.learning.finetune_steps_multiplier = 1.0
+  # Train on a balanced k-shot subset, k = max(int(1000 * fraction / classes), 1).
+  config.learning.data_fraction = 1.0
 
   fs = config.learning.feature_selection = ml_collections.ConfigDict()
   # connectivity_l2 (the paper's), connectivity_l1, connectivity_linf,
@@ -94,6 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   fs.keep_fraction_offset = 0  # Skip the k best features (an ablation).
   fs.mean_interpolation_coef = 0.0  # Pull scores toward their tap's mean.
   fs.average_over_k = 1  # Average the scores of k selection runs.
+  # Select the features on this other task's training set ('' = the task itself);
+  # same backbone and pooling. A task name as for config.dataset.
+  fs.fs_dataset = ""
   fs.is_overwrite = True  # Selection run uses learning_config_overwrite.
   fs.learning_config_overwrite = ml_collections.ConfigDict()
   fs.learning_config_overwrite.group_lrp_regularizer_coef = 1e-4

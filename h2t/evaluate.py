@@ -66,6 +66,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"expected one of {', '.join(features.CLS_TOKEN_POOL_MODES)}"
     )
   head2toe._check_learning(config.learning)  # noqa: SLF001 -- same package
+  fs_dataset = config.learning.feature_selection.get("fs_dataset", "")
+  if fs_dataset and fs_dataset not in data.task_names():
+    raise ValueError(
+      f"unknown task {fs_dataset!r} (config.learning.feature_selection.fs_dataset); "
+      f"expected '' (select on the task itself) or one of {', '.join(data.task_names())}"
+    )
+  fraction = float(config.learning.get("data_fraction", 1.0))
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"config.learning.data_fraction={fraction}; expected a fraction in (0, 1]")
 
 
 def resolve_taps(backbone: backbones.Backbone, backbone_config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -187,6 +196,8 @@ def fit_ridge(feats, labels, config, num_classes: int, meta) -> head2toe.Head:
   from h2t import ridge
 
   taps = list(feats)
+  train = head2toe.training_subset(np.arange(len(labels)), labels, config.learning, num_classes)
+  feats, labels = {t: v[train] for t, v in feats.items()}, np.asarray(labels)[train]
   x, stats = head2toe.normalize(feats, taps, config.learning.feature_normalization)
   l2_reg, _ = ridge.select_l2_reg(x, labels, num_classes=num_classes, seed=int(config.seed))
   params = ridge.fit(x, labels, num_classes=num_classes, l2_reg=l2_reg)
@@ -195,19 +206,25 @@ def fit_ridge(feats, labels, config, num_classes: int, meta) -> head2toe.Head:
   return head2toe.Head(kept, params, config.learning.feature_normalization, stats, meta)
 
 
+def _fs_dataset(cfg: ml_collections.ConfigDict) -> str:
+  return cfg.learning.feature_selection.get("fs_dataset", "")
+
+
 def cross_validate_grid(
-  method: str, points, feats_by_key, labels, config, num_classes
+  method: str, points, feats_by_key, labels, config, num_classes, sources=None
 ) -> list[dict[str, Any]]:
   """5-fold CV accuracy of every grid point for one method.
 
   Points that share features and a program run together (`run_grid`); for
   the linear baseline, points that differ only in selection options are run
-  once.
+  once. `sources[(feature key, fs_dataset)]`: the `fs_dataset` features
+  head2toe selects on.
   """
   entries: list[dict[str, Any]] = []
-  by_features: dict[str, list[int]] = {}
+  by_features: dict[tuple[str, str], list[int]] = {}
   for i, (_, cfg) in enumerate(points):
-    by_features.setdefault(_feature_key(cfg) if method == "head2toe" else "", []).append(i)
+    key = (_feature_key(cfg), _fs_dataset(cfg)) if method == "head2toe" else ("", "")
+    by_features.setdefault(key, []).append(i)
   acc = np.zeros((len(points), base.NUM_FOLDS))
   for members in by_features.values():
     feats = feats_by_key[_feature_key(points[members[0]][1])]
@@ -227,7 +244,10 @@ def cross_validate_grid(
       prep.dim,
     )
     t0 = time.perf_counter()
-    got = head2toe.cross_validate(prep, labels, firsts, seed=int(config.seed), num_classes=num_classes)
+    src = (sources or {}).get((_feature_key(points[members[0]][1]), _fs_dataset(points[members[0]][1])))
+    got = head2toe.cross_validate(
+      prep, labels, firsts, seed=int(config.seed), num_classes=num_classes, select_from=src
+    )
     steps = int(firsts[0].training_steps) * len(firsts) * base.NUM_FOLDS
     logging.info(
       "%s: done in %.1fs (%.0f head-steps/s)",
@@ -285,6 +305,8 @@ def _run_finetune(backbone, task, labels, cfg, config) -> dict[str, Any]:
 
   images, train_labels = task.arrays("train800val200", image_size=backbone.input_size)
   learning = _method_learning("finetune", cfg.learning)
+  train = head2toe.training_subset(np.arange(len(train_labels)), train_labels, learning, task.num_classes)
+  images, train_labels = images[train], train_labels[train]
   backbone_params, head_params, losses = finetune.fit(
     backbone, images, train_labels, learning, seed=int(config.seed), num_classes=task.num_classes
   )
@@ -367,6 +389,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
     feats_by_key[key] = feats
     cached_all &= cached
     extracted += 0 if cached else len(labels)
+  # fs_dataset: the other task's training features, same taps and pooling.
+  sources: dict[tuple[str, str], head2toe.SelectionSource] = {}
+  for _, cfg in points:
+    key, fs_name = _feature_key(cfg), _fs_dataset(cfg)
+    if not fs_name or (key, fs_name) in sources or "head2toe" not in config.methods:
+      continue
+    fs_task = data.get_task(
+      fs_name, data_dir=config.data_dir or None, fashion_mnist_dir=config.fashion_mnist_dir or None
+    )
+    fs_feats, fs_labels, cached = train_features(
+      backbone,
+      fs_task,
+      resolve_taps(backbone, cfg.backbone),
+      cfg,
+      config.cache_dir or os.path.join(workdir, "cache"),
+    )
+    sources[(key, fs_name)] = head2toe.SelectionSource.from_features(
+      fs_feats, fs_labels, fs_task.num_classes, name=fs_task.name
+    )
+    logging.info("head2toe selects its features on %s (%d training images)", fs_task.name, len(fs_labels))
   timings["extract_train"] = time.perf_counter() - t0
   n_train = len(labels)
   first = feats_by_key[_feature_key(points[0][1])]
@@ -391,6 +433,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
     "num_features": sum(tap_sizes.values()),
     "train_features_cached": cached_all,
     "num_grid_points": len(points),
+    "data_fraction": float(config.learning.get("data_fraction", 1.0)),
+    "fs_dataset": _fs_dataset(config),
     "methods": {},
     "grid": {},
   }
@@ -402,7 +446,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
   if do_cv:
     for method in [m for m in methods if m in GRID_METHODS]:
       t0 = time.perf_counter()
-      entries = cross_validate_grid(method, points, feats_by_key, labels, config, task.num_classes)
+      entries = cross_validate_grid(method, points, feats_by_key, labels, config, task.num_classes, sources)
       timings[f"cv_{method}"] = time.perf_counter() - t0
       results["grid"][method] = entries
       chosen[method] = int(np.argmax([e["mean"] for e in entries]))
@@ -454,6 +498,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
         seed=int(config.seed),
         num_classes=task.num_classes,
         meta=meta,
+        select_from=sources.get((_feature_key(cfg), _fs_dataset(cfg))) if method == "head2toe" else None,
       )
       timings[f"fit_{method}"] = time.perf_counter() - t0
       heads[method].save(os.path.join(workdir, f"head_{method}.npz"))

@@ -256,6 +256,42 @@ def _unit_vector_per_tap(x: jax.Array, tap_of: jax.Array, num_taps: int) -> jax.
   return jnp.where(norms > 0, x / jnp.where(norms > 0, norms, 1.0), 0.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class SelectionSource:
+  """Another task's training features to select on (the reference's `fs_dataset`).
+
+  Stage 1 (or the data scores) reads these instead of the training task's;
+  stage 2 trains on the training task's kept features. Both must come from
+  the same backbone, taps and pooling.
+
+  Attributes:
+    prep: the other task's features.
+    labels: `[n']` its labels.
+    num_classes: its classes (the width of the selection head).
+    name: its name, for messages.
+  """
+
+  prep: Prepared
+  labels: np.ndarray
+  num_classes: int
+  name: str = "fs_dataset"
+
+  @classmethod
+  def from_features(
+    cls, features: Mapping[str, np.ndarray], labels: np.ndarray, num_classes: int | None = None, name=""
+  ) -> SelectionSource:
+    labels = np.asarray(labels, np.int32)
+    return cls(prepare(features), labels, int(num_classes or labels.max() + 1), name or "fs_dataset")
+
+  def check_matches(self, prep: Prepared) -> None:
+    if (self.prep.taps, self.prep.sizes) != (prep.taps, prep.sizes):
+      raise ValueError(
+        f"fs_dataset {self.name!r}: its features have taps/sizes {list(zip(self.prep.taps, self.prep.sizes))}, "
+        f"the training task's {list(zip(prep.taps, prep.sizes))}; both must come from the same backbone "
+        "and pooling settings"
+      )
+
+
 def prepare(features: Mapping[str, np.ndarray]) -> Prepared:
   """`{tap: [n, d_tap]}` (in network order) -> `Prepared`."""
   taps = tuple(features)
@@ -349,6 +385,8 @@ def run_grid(
   *,
   seed: int,
   num_classes: int,
+  select_from: SelectionSource | None = None,
+  select_train_idx: np.ndarray | None = None,
 ) -> GridRun:
   """Stage 1, selection and stage 2 for many grid points and folds at once.
 
@@ -366,6 +404,8 @@ def run_grid(
     fold_ids: the key id of each fold (`FINAL_FOLD` for a fit on all data).
     seed: base seed.
     num_classes: classes.
+    select_from: select on these features instead (`fs_dataset`).
+    select_train_idx: `[F, m']` its training indices per fold.
   """
   for learning in learnings:
     _check_learning(learning)
@@ -380,6 +420,13 @@ def run_grid(
   keys_select = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
   keys_head = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
   num_folds, num_points, dim = len(folds), len(learnings), prep.dim
+  # What stage 1 (or the data scores) reads: this task's folds, or fs_dataset's.
+  if select_from is None:
+    sprep, s_labels, s_train_idx, s_classes = prep, np.asarray(labels), train_idx, num_classes
+  else:
+    select_from.check_matches(prep)
+    sprep, s_labels, s_classes = select_from.prep, select_from.labels, select_from.num_classes
+    s_train_idx = jnp.asarray(select_train_idx, jnp.int32)
 
   if fs.type == "none":
     kept_idx = jnp.broadcast_to(jnp.arange(dim, dtype=jnp.int32), (num_folds, num_points, dim))
@@ -387,7 +434,7 @@ def run_grid(
   elif fs.type in selection.DATA_SCORES:
     # Scored from the fold's raw (unnormalised) training features, as the
     # reference scores its embeddings before normalisation; no stage 1.
-    x_np, y_np = np.asarray(prep.x), np.asarray(labels)
+    x_np, y_np = np.asarray(sprep.x), np.asarray(s_labels)
     k = int(fs.average_over_k)
     scores = np.stack(
       [
@@ -398,7 +445,7 @@ def run_grid(
           ],
           0,
         )
-        for (tr, _), fid in zip(folds, fold_ids, strict=True)
+        for tr, fid in zip(np.asarray(s_train_idx), fold_ids, strict=True)
       ]
     )
     scores = np.broadcast_to(scores[:, None], (num_folds, num_points, dim))
@@ -413,11 +460,11 @@ def run_grid(
     if sel[0].group_lrp_is_embedding:
       # Groups are whole taps. Unlike the reference, the coefficient applies here too.
       groups, num_groups = prep.tap_of, len(prep.taps)
-    x1 = prep.unit_vector() if mode == "unit_vector" else prep.x
+    x1 = sprep.unit_vector() if mode == "unit_vector" else sprep.x
     stage1 = jax.vmap(
       functools.partial(
         probe.train_all_features,
-        spec=train_spec(sel[0], num_classes),
+        spec=train_spec(sel[0], s_classes),
         groups=groups,
         num_groups=num_groups,
         per_feature=mode == "per_feature",
@@ -427,7 +474,13 @@ def run_grid(
     k = int(fs.average_over_k)
     scores = 0.0
     for r in range(k):
-      w, _ = stage1(x1, y, train_idx, hp1, jax.vmap(lambda kk, r=r: jax.random.fold_in(kk, r))(keys_select))
+      w, _ = stage1(
+        x1,
+        jnp.asarray(s_labels, jnp.int32),
+        s_train_idx,
+        hp1,
+        jax.vmap(lambda kk, r=r: jax.random.fold_in(kk, r))(keys_select),
+      )
       scores = scores + _device_scores(fs.type, w, prep.tap_of, len(prep.taps))
     scores = (scores / k)[:, row_of]  # [F, P, D]
     kept_idx, kept_mask = _select(scores, learnings, prep)
@@ -466,6 +519,23 @@ def run_grid(
   )
 
 
+def training_subset(
+  train_idx: np.ndarray, labels: np.ndarray, learning: ml_collections.ConfigDict, num_classes: int
+) -> np.ndarray:
+  """The examples of `train_idx` a run trains on: all, or `data_fraction`'s balanced k-shot subset.
+
+  k = max(int(1000 * data_fraction / classes), 1) examples per class, the
+  first k of each class in `train_idx` order (`base.balanced_subset_indices`).
+  Unlike the reference, which drew the subset from the whole training split
+  whatever the fold, a CV fold draws it from its own training examples.
+  """
+  from h2t.data import base as data_base
+
+  fraction = float(learning.get("data_fraction", 1.0))
+  train_idx = np.asarray(train_idx)
+  return train_idx[data_base.balanced_subset_indices(np.asarray(labels)[train_idx], num_classes, fraction)]
+
+
 def cross_validate(
   prep: Prepared,
   labels: np.ndarray,
@@ -474,29 +544,42 @@ def cross_validate(
   seed: int,
   num_classes: int,
   num_folds: int = 5,
+  select_from: SelectionSource | None = None,
 ) -> np.ndarray:
   """Validation accuracy `[P, num_folds]` of each grid point on the reference's folds.
 
-  Points are grouped by `program_key`; each group is one `run_grid` call.
+  Points are grouped by `program_key`; each group is one `run_grid` call
+  (with `data_fraction`, folds whose subsets differ in size run apart).
+  `select_from` (`fs_dataset`) selects on another task's same folds.
   """
   from h2t.data import base as data_base
 
   folds = [data_base.fold_indices(f, len(labels), num_folds) for f in range(num_folds)]
+  s_train = None
+  if select_from is not None:
+    s_train = [data_base.fold_indices(f, len(select_from.labels), num_folds)[0] for f in range(num_folds)]
   acc = np.zeros((len(learnings), num_folds))
   groups: dict[str, list[int]] = {}
   for i, lr in enumerate(learnings):
     groups.setdefault(program_key(lr), []).append(i)
   for members in groups.values():
-    run = run_grid(
-      prep,
-      labels,
-      [learnings[i] for i in members],
-      folds,
-      list(range(num_folds)),
-      seed=seed,
-      num_classes=num_classes,
-    )
-    acc[members] = run.accuracy.T
+    subsets = [(training_subset(tr, labels, learnings[members[0]], num_classes), ev) for tr, ev in folds]
+    by_size: dict[int, list[int]] = {}
+    for f, (tr, _) in enumerate(subsets):
+      by_size.setdefault(len(tr), []).append(f)
+    for fold_ids in by_size.values():
+      run = run_grid(
+        prep,
+        labels,
+        [learnings[i] for i in members],
+        [subsets[f] for f in fold_ids],
+        fold_ids,
+        seed=seed,
+        num_classes=num_classes,
+        select_from=select_from,
+        select_train_idx=None if s_train is None else np.stack([s_train[f] for f in fold_ids]),
+      )
+      acc[np.ix_(members, fold_ids)] = run.accuracy.T
   return acc
 
 
@@ -508,6 +591,7 @@ def fit(
   seed: int,
   num_classes: int | None = None,
   meta: Mapping[str, Any] | None = None,
+  select_from: SelectionSource | None = None,
 ) -> Head:
   """Trains a Head2Toe head (or, with selection type 'none', a plain linear head).
 
@@ -518,6 +602,8 @@ def fit(
     seed: makes the run reproducible: same inputs and seed, same head.
     num_classes: defaults to `max(labels) + 1`.
     meta: stored with the head.
+    select_from: select the features on another task's training set
+      (`feature_selection.fs_dataset`); the head trains on `features`.
 
   Returns:
     The trained `Head`.
@@ -526,11 +612,19 @@ def fit(
   labels = np.asarray(labels, np.int32)
   num_classes = int(num_classes or labels.max() + 1)
   prep = prepare(features)
-  n = len(labels)
+  train = training_subset(np.arange(len(labels)), labels, learning, num_classes)
   run = run_grid(
-    prep, labels, [learning], [(np.arange(n), None)], [FINAL_FOLD], seed=seed, num_classes=num_classes
+    prep,
+    labels,
+    [learning],
+    [(train, None)],
+    [FINAL_FOLD],
+    seed=seed,
+    num_classes=num_classes,
+    select_from=select_from,
+    select_train_idx=None if select_from is None else np.arange(len(select_from.labels))[None],
   )
-  return head_from_run(prep, run, 0, 0, learning, meta=meta)
+  return head_from_run(prep, run, 0, 0, learning, meta=meta, train_idx=train)
 
 
 def head_from_run(
@@ -541,9 +635,13 @@ def head_from_run(
   learning: ml_collections.ConfigDict,
   *,
   meta: Mapping[str, Any] | None = None,
-  features: Mapping[str, np.ndarray] | None = None,
+  train_idx: np.ndarray | None = None,
 ) -> Head:
-  """The `Head` of one (fold, point) of a `run_grid` fitted on all training data."""
+  """The `Head` of one (fold, point) of a `run_grid` fitted on all training data.
+
+  `train_idx`: the examples the run trained on (default all), for the
+  'per_feature' statistics.
+  """
   mask = run.kept_mask[fold, point] > 0
   global_idx = run.kept_idx[fold, point][mask]
   kept = {t: v for t, v in selection.indices_per_tap(global_idx, prep.taps, prep.sizes).items() if len(v)}
@@ -552,6 +650,8 @@ def head_from_run(
   stats = None
   if learning.feature_normalization == "per_feature":
     x = np.asarray(prep.x)[:, global_idx]
+    if train_idx is not None:
+      x = x[np.asarray(train_idx)]
     stats = {"mean": x.mean(axis=0), "var": x.var(axis=0)}
   meta = dict(meta or {})
   meta.update(num_classes=int(params["b"].shape[0]), final_train_loss=float(run.losses[fold, point, -1]))

@@ -11,10 +11,10 @@ import configs.vtab as vtab_config
 from h2t import head2toe, probe
 
 
-def _toy(seed=0, n=200):
+def _toy(seed=0, n=200, labels=None):
   """Two taps; tap 'b' carries the label in its first 3 features."""
   rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 3, n).astype(np.int32)
+  labels = rng.integers(0, 3, n).astype(np.int32) if labels is None else labels
   a = rng.normal(size=(n, 30)).astype(np.float32)
   b = rng.normal(size=(n, 20)).astype(np.float32)
   b[:, :3] += 4.0 * np.eye(3, dtype=np.float32)[labels]
@@ -49,7 +49,9 @@ class OutputHeadTypeTest(absltest.TestCase):
 
   def _fit(self, head_type, lr=0.1, selection="none"):
     feats, labels = _toy()
-    learning = _learning(output_head_type=head_type, learning_rate=lr, **{"feature_selection.type": selection})
+    learning = _learning(
+      output_head_type=head_type, learning_rate=lr, **{"feature_selection.type": selection}
+    )
     return head2toe.fit(feats, labels, learning, seed=3), feats, labels
 
   def test_random_hidden_layer_stays_at_its_initialisation(self):
@@ -97,6 +99,107 @@ class OutputHeadTypeTest(absltest.TestCase):
       trained.save(os.path.join(tmp, "head.npz"))
       loaded = head2toe.Head.load(os.path.join(tmp, "head.npz"))
     np.testing.assert_allclose(loaded.predict(feats), trained.predict(feats), rtol=1e-6)
+
+
+def _two_tasks(n=200):
+  """Task A's label lives in tap 'b', task B's in tap 'a' (same taps and widths)."""
+  feats_a, labels_a = _toy(seed=1, n=n)
+  rng = np.random.default_rng(2)
+  labels_b = rng.integers(0, 4, n).astype(np.int32)
+  feats_b = {
+    "a": rng.normal(size=(n, 30)).astype(np.float32),
+    "b": rng.normal(size=(n, 20)).astype(np.float32),
+  }
+  feats_b["a"][:, :4] += 4.0 * np.eye(4, dtype=np.float32)[labels_b]
+  return (feats_a, labels_a), (feats_b, labels_b)
+
+
+class FsDatasetTest(absltest.TestCase):
+  def _learning(self):
+    return _learning(**{"feature_selection.keep_fraction": 0.08})  # 4 of 50 features
+
+  def test_selects_on_the_other_task(self):
+    (fa, la), (fb, lb) = _two_tasks()
+    own = head2toe.fit(fa, la, self._learning(), seed=0)
+    self.assertEqual(list(own.kept), ["b"])  # its own signal
+    src = head2toe.SelectionSource.from_features(fb, lb, name="task_b")
+    other = head2toe.fit(fa, la, self._learning(), seed=0, select_from=src)
+    self.assertEqual(list(other.kept), ["a"])  # task B's signal
+    np.testing.assert_array_equal(other.kept["a"], [0, 1, 2, 3])
+    self.assertEqual(other.params["b"].shape, (3,))  # the head is task A's
+
+  def test_cross_validation_selects_on_the_other_task(self):
+    (fa, la), (fb, lb) = _two_tasks(n=250)
+    learning = self._learning()
+    src = head2toe.SelectionSource.from_features(fb, lb)
+    own = head2toe.cross_validate(head2toe.prepare(fa), la, [learning], seed=0, num_classes=3)
+    other = head2toe.cross_validate(
+      head2toe.prepare(fa), la, [learning], seed=0, num_classes=3, select_from=src
+    )
+    self.assertGreater(own.mean(), 0.9)
+    self.assertLess(other.mean(), 0.6)  # task B's features say nothing about A's labels
+
+  def test_mismatched_features_are_an_error(self):
+    (fa, la), (fb, lb) = _two_tasks()
+    src = head2toe.SelectionSource.from_features({"a": fb["a"]}, lb, name="task_b")
+    with self.assertRaisesRegex(ValueError, "fs_dataset 'task_b'.*same backbone"):
+      head2toe.fit(fa, la, self._learning(), seed=0, select_from=src)
+
+  def test_unknown_fs_dataset_is_named(self):
+    from h2t import evaluate
+
+    config = vtab_config.get_config()
+    config.learning.feature_selection.fs_dataset = "cifar1000"
+    with self.assertRaisesRegex(ValueError, "unknown task 'cifar1000'.*fs_dataset.*cifar"):
+      evaluate.validate(config)
+
+
+class DataFractionTest(absltest.TestCase):
+  def test_training_subset_is_balanced_k_shot(self):
+    _, labels = _toy(n=300)
+    sub = head2toe.training_subset(np.arange(300), labels, _learning(data_fraction=0.03), 3)
+    self.assertEqual(np.bincount(labels[sub]).tolist(), [10, 10, 10])  # k = int(1000 * 0.03 / 3)
+    everything = head2toe.training_subset(np.arange(300), labels, _learning(), 3)
+    np.testing.assert_array_equal(everything, np.arange(300))
+
+  def test_fit_reads_only_the_subset(self):
+    feats, labels = _toy(n=300)
+    learning = _learning(data_fraction=0.03)
+    sub = head2toe.training_subset(np.arange(300), labels, learning, 3)
+    outside = np.setdiff1d(np.arange(300), sub)
+    noisy = {t: v.copy() for t, v in feats.items()}
+    for v in noisy.values():
+      v[outside] = 100.0
+    a = head2toe.fit(feats, labels, learning, seed=0)
+    b = head2toe.fit(noisy, labels, learning, seed=0)
+    np.testing.assert_array_equal(a.params["w"], b.params["w"])
+    full = head2toe.fit(feats, labels, _learning(), seed=0)  # data_fraction 1 reads every example
+    full_noisy = head2toe.fit(noisy, labels, _learning(), seed=0)
+    self.assertFalse(np.array_equal(full.params["w"], full_noisy.params["w"]))
+
+  def test_cross_validation_subsets_each_fold(self):
+    labels = np.random.default_rng(5).integers(0, 3, 250).astype(np.int32)
+    labels[:50] = 0  # fold 0's validation block is all class 0: fold subsets differ in size
+    feats, _ = _toy(n=250, labels=labels)
+    learning = _learning(data_fraction=0.06)  # k = 20 per class
+    acc = head2toe.cross_validate(head2toe.prepare(feats), labels, [learning], seed=0, num_classes=3)
+    self.assertEqual(acc.shape, (1, 5))
+    self.assertGreater(acc.mean(), 0.7)  # 60 training examples per fold; chance is 1/3
+    noisy = {t: v.copy() for t, v in feats.items()}
+    sub0 = head2toe.training_subset(np.arange(50, 250), labels, learning, 3)
+    unused = np.setdiff1d(np.arange(50, 250), sub0)  # fold 0 never reads these in training
+    for v in noisy.values():
+      v[unused] = 100.0
+    again = head2toe.cross_validate(head2toe.prepare(noisy), labels, [learning], seed=0, num_classes=3)
+    self.assertEqual(acc[0, 0], again[0, 0])
+
+  def test_bad_fraction(self):
+    from h2t import evaluate
+
+    config = vtab_config.get_config()
+    config.learning.data_fraction = 0.0
+    with self.assertRaisesRegex(ValueError, r"data_fraction=0.0; expected a fraction in \(0, 1\]"):
+      evaluate.validate(config)
 
 
 if __name__ == "__main__":
