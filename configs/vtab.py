@@ -50,8 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.methods = ("head2toe", "linear")
 
   config.backbone = ml_collections.ConfigDict()
-  config.backbone.name = "efficientnet_lite0"  # efficientnet_lite0 | resnet50 | vit_b16
-  config.backbone.checkpoint = ""  # '' uses the backbone's default (packaged) weights.
+  # efficientnet_lite0 | resnet50 | vit_b16, or several at once joined by '+'
+  # (e.g. resnet50+vit_b16; the reference's imagenetr50_2x is resnet50+resnet50).
+  config.backbone.name = "efficientnet_lite0"
+  # '' uses the backbone's default (packaged) weights; several backbones: one
+  # path per member, comma-separated.
+  config.backbone.checkpoint = ""
   config.backbone.input_size = 0  # 0 runs at the checkpoint's resolution.
   # Taps to use: 'all' (every tap, network order) or a comma-separated list.
   config.backbone.additional_features = "all"
@@ -59,6 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Each tap is average-pooled to about this many features (0: use pool_size).
   config.backbone.additional_features_target_size = 1024
   config.backbone.additional_features_pool_size = 0  # Used when target size is 0; 0 = global.
+  # Pool every tap at each of these sizes too, e.g. '1024,8192' (comma-separated;
+  # overrides additional_features_target_size; taps become '<tap>@<size>').
+  config.backbone.additional_features_multi_target_sizes = ""
   config.backbone.cls_token_pool = "normal"  # normal | only_cls | nopool_cls (token taps).
   config.backbone.batch_size = 64  # Images per extraction forward pass.
 

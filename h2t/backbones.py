@@ -6,6 +6,12 @@
 
 A backbone is frozen: `apply` is a pure function of `(params, x)`, so `jax.jit`
 keeps only the taps a caller uses.
+
+Several backbones at once (the reference's `imagenetr50_2x`): a name joining
+registry names with '+', e.g. 'efficientnet_lite0+resnet50', with one
+checkpoint per member ('a.pth,b.npz'; empty entries take the default), is
+one backbone whose taps are the members' taps prefixed `'<member>/'`
+(`'resnet50_0/'`, `'resnet50_1/'` when a name repeats).
 """
 
 from __future__ import annotations
@@ -27,6 +33,18 @@ _LOADERS: dict[str, Callable[..., common.LoadedModel]] = {
 }
 
 NAMES = tuple(_LOADERS)
+COMPOSITE_SEP = "+"
+
+
+def check_name(name: str) -> None:
+  """Raises ValueError, listing the valid names, unless `name` is a backbone or a '+'-joined list."""
+  parts = name.split(COMPOSITE_SEP)
+  unknown = [p for p in parts if p not in _LOADERS]
+  if unknown:
+    raise ValueError(
+      f"unknown backbone {unknown[0]!r}" + (f" in {name!r}" if len(parts) > 1 else "") + "; expected one of "
+      f"{', '.join(NAMES)}, or several joined by '{COMPOSITE_SEP}' (e.g. efficientnet_lite0+resnet50)"
+    )
 
 
 # eq=False: hashed by identity, so a Backbone can be a static argument of jax.jit.
@@ -81,21 +99,84 @@ class Backbone:
     return self.module.apply({"params": params}, x)
 
 
+# eq=False as Backbone's: hashed by identity.
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompositeBackbone(Backbone):
+  """Several backbones run side by side on the same images.
+
+  `preprocess` only resizes to `input_size` (the largest member's); `apply`
+  lets each member resize (when its size differs) and normalise the images
+  its own way, as the reference resized inside each backbone. `params` is a
+  tuple, one entry per member. The 'input' tap is the resized image in
+  [0, 255], not any member's normalised input.
+  """
+
+  members: tuple[Backbone, ...] = ()
+  prefixes: tuple[str, ...] = ()
+
+  def apply(self, params: Any, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`x [n, S, S, 3]` pixels -> `(logits of the first member, {'<member>/<tap>': ...})`."""
+    taps, first = {}, None
+    for member, prefix, p in zip(self.members, self.prefixes, params, strict=True):
+      logits, member_taps = member.apply(p, member.preprocess(x))
+      first = logits if first is None else first
+      taps.update({f"{prefix}/{k}": v for k, v in member_taps.items()})
+    return first, taps
+
+
+def _prefixes(names: list[str]) -> tuple[str, ...]:
+  counts = {n: names.count(n) for n in names}
+  seen: dict[str, int] = {}
+  out = []
+  for n in names:
+    k = seen.get(n, 0)
+    seen[n] = k + 1
+    out.append(n if counts[n] == 1 else f"{n}_{k}")
+  return tuple(out)
+
+
+def _create_composite(name: str, checkpoint: str | None, input_size: int | None) -> CompositeBackbone:
+  names = name.split(COMPOSITE_SEP)
+  checkpoints = checkpoint.split(",") if checkpoint else [""] * len(names)
+  if len(checkpoints) != len(names):
+    raise ValueError(
+      f"backbone {name!r} has {len(names)} members but {len(checkpoints)} checkpoints were given "
+      f"({checkpoint!r}); give one per member, comma-separated, empty for a member's default"
+    )
+  members = tuple(
+    create(n, c or None, input_size=input_size) for n, c in zip(names, checkpoints, strict=True)
+  )
+  prefixes = _prefixes(names)
+  return CompositeBackbone(
+    name=name,
+    module=None,
+    params=tuple(m.params for m in members),
+    input_size=max(m.input_size for m in members),
+    normalization=common.Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    tap_names=tuple(f"{p}/{t}" for m, p in zip(members, prefixes, strict=True) for t in m.tap_names),
+    checkpoint_id=",".join(m.checkpoint_id for m in members),
+    members=members,
+    prefixes=prefixes,
+  )
+
+
 def create(name: str, checkpoint: str | None = None, *, input_size: int | None = None) -> Backbone:
   """Builds a named backbone with its pretrained weights.
 
   Args:
-    name: one of `NAMES`.
+    name: one of `NAMES`, or several joined by '+' (`CompositeBackbone`).
     checkpoint: path of a checkpoint file; None takes the backbone's default
       (the packaged weights for 'efficientnet_lite0'; the others have none and
-      say where to download one).
+      say where to download one). For several backbones, one path per member,
+      comma-separated.
     input_size: run at this resolution instead of the checkpoint's own.
 
   Returns:
     The backbone, with parameters on the default device.
   """
-  if name not in _LOADERS:
-    raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(NAMES)}")
+  check_name(name)
+  if COMPOSITE_SEP in name:
+    return _create_composite(name, checkpoint, input_size)
   loaded = _LOADERS[name](checkpoint, input_size=input_size)
   params = jax.tree_util.tree_map(jnp.asarray, loaded.params)
   return Backbone(

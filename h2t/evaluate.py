@@ -45,11 +45,10 @@ CACHE_VERSION = 1
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any heavy work, on values h2t does not know."""
-  if config.backbone.name not in backbones.NAMES:
-    raise ValueError(
-      f"unknown backbone {config.backbone.name!r} (config.backbone.name); "
-      f"expected one of {', '.join(backbones.NAMES)}"
-    )
+  try:
+    backbones.check_name(config.backbone.name)
+  except ValueError as e:
+    raise ValueError(f"config.backbone.name: {e}") from None
   if config.dataset not in data.task_names():
     raise ValueError(
       f"unknown task {config.dataset!r} (config.dataset); expected one of {', '.join(data.task_names())}"
@@ -66,6 +65,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"expected one of {', '.join(features.CLS_TOKEN_POOL_MODES)}"
     )
   head2toe._check_learning(config.learning)  # noqa: SLF001 -- same package
+  if "finetune" in methods and backbones.COMPOSITE_SEP in config.backbone.name:
+    raise ValueError(
+      f"method 'finetune' fine-tunes one backbone; config.backbone.name={config.backbone.name!r} "
+      "names several: drop 'finetune' from config.methods or use a single backbone"
+    )
+  sizes = _multi_target_sizes(config.backbone)
+  if any(s <= 0 for s in sizes):
+    raise ValueError(
+      f"config.backbone.additional_features_multi_target_sizes="
+      f"{config.backbone.additional_features_multi_target_sizes!r}; expected positive integers, comma-separated"
+    )
   fs_dataset = config.learning.feature_selection.get("fs_dataset", "")
   if fs_dataset and fs_dataset not in data.task_names():
     raise ValueError(
@@ -77,8 +87,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.learning.data_fraction={fraction}; expected a fraction in (0, 1]")
 
 
+def _multi_target_sizes(backbone_config: ml_collections.ConfigDict) -> list[int]:
+  spec = str(backbone_config.get("additional_features_multi_target_sizes", "")).strip()
+  try:
+    return [int(v) for v in spec.split(",") if v.strip()]
+  except ValueError:
+    raise ValueError(
+      f"config.backbone.additional_features_multi_target_sizes={spec!r}; "
+      "expected integers, comma-separated (e.g. '1024,8192')"
+    ) from None
+
+
+def is_linear_tap(name: str) -> bool:
+  """Whether a tap name is a backbone's `pre_logits` ('pre_logits', 'resnet50/pre_logits@1024', ...)."""
+  return features.split_tap(name)[0].rpartition("/")[2] == LINEAR_TAP
+
+
+def linear_taps(names: Sequence[str]) -> list[str]:
+  """The Linear baseline's taps: each backbone's `pre_logits`, once (the first size)."""
+  out, owners = [], set()
+  for name in names:
+    owner = features.split_tap(name)[0].rpartition("/")[0]
+    if is_linear_tap(name) and owner not in owners:
+      owners.add(owner)
+      out.append(name)
+  return out
+
+
 def resolve_taps(backbone: backbones.Backbone, backbone_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The taps a run uses, in network order ('all' = every tap)."""
+  """The taps a run uses, in network order ('all' = every tap).
+
+  With `additional_features_multi_target_sizes`, every tap at every size:
+  `'<tap>@<size>'`, size by size (the reference's order).
+  """
   spec = backbone_config.additional_features.strip()
   if spec == "all":
     taps = list(backbone.tap_names)
@@ -86,11 +127,12 @@ def resolve_taps(backbone: backbones.Backbone, backbone_config: ml_collections.C
     wanted = [t.strip() for t in spec.split(",") if t.strip()]
     features.check_taps(backbone, wanted)
     # The reference always adds its output key (pre_logits) to the extra taps.
-    wanted_set = set(wanted) | {LINEAR_TAP}
+    wanted_set = set(wanted) | {t for t in backbone.tap_names if is_linear_tap(t)}
     taps = [t for t in backbone.tap_names if t in wanted_set]
   if backbone_config.include_input:
     taps = ["input"] + taps
-  return tuple(taps)
+  sizes = _multi_target_sizes(backbone_config)
+  return features.sized_taps(taps, sizes) if sizes else tuple(taps)
 
 
 def _cache_key(backbone, task_name: str, split: str, taps, bcfg) -> str:
@@ -106,6 +148,7 @@ def _cache_key(backbone, task_name: str, split: str, taps, bcfg) -> str:
     "pool_size": int(bcfg.additional_features_pool_size),
     "cls_token_pool": bcfg.cls_token_pool,
   }
+  # Sized taps ('tap@size') carry their sizes in `taps`.
   digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
   return f"{task_name}_{split}_{digest}"
 
@@ -174,8 +217,9 @@ def _feature_key(cfg: ml_collections.ConfigDict) -> str:
     "additional_features_target_size",
     "additional_features_pool_size",
     "cls_token_pool",
+    "additional_features_multi_target_sizes",
   )
-  return json.dumps({k: b[k] for k in keys}, sort_keys=True)
+  return json.dumps({k: b.get(k, "") for k in keys}, sort_keys=True)
 
 
 def _method_learning(method: str, learning: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -188,7 +232,9 @@ def _method_learning(method: str, learning: ml_collections.ConfigDict) -> ml_col
 
 
 def _method_features(method: str, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {LINEAR_TAP: feats[LINEAR_TAP]} if method in ("linear", "finetune") else feats
+  if method in ("linear", "finetune"):
+    return {t: feats[t] for t in linear_taps(list(feats))}
+  return feats
 
 
 def fit_ridge(feats, labels, config, num_classes: int, meta) -> head2toe.Head:
@@ -274,14 +320,14 @@ def stream_test(backbone, task, heads: dict[str, head2toe.Head], config) -> dict
   for name, head in heads.items():
     m = head.meta
     settings = (m["target_size"], m["pool_size"], m["cls_token_pool"])
-    if set(head.kept) <= {LINEAR_TAP}:  # a 2-D tap: pooling settings do not matter
+    if all(is_linear_tap(t) for t in head.kept):  # 2-D taps: pooling settings do not matter
       settings = next(iter(groups), settings)
     groups.setdefault(settings, {})[name] = head
   correct = dict.fromkeys(heads, 0)
   n = 0
   batch_size = int(config.backbone.batch_size)
   for (target_size, pool_size, cls_pool), members in groups.items():
-    taps = [t for t in ("input",) + backbone.tap_names if any(t in h.kept for h in members.values())]
+    taps = list(dict.fromkeys(t for h in members.values() for t in h.kept))
     n = 0
     for feats, labels in features.extract_batches(
       backbone,

@@ -16,6 +16,9 @@ google-research/head2toe), including its edge cases:
   stride = pool (VALID), flattened in (t, c) order; pool 0 -> mean.
 * 2-D taps `[n, d]`: as they are.
 * `target_size = 0`: the fixed `pool_size` is used instead (0: global pooling).
+
+A tap name may carry its own target size, `'<tap>@<size>'` (the reference's
+`additional_features_multi_target_sizes`: every tap pooled at several sizes).
 """
 
 from __future__ import annotations
@@ -33,6 +36,22 @@ from absl import logging
 from h2t.backbones import Backbone
 
 CLS_TOKEN_POOL_MODES = ("normal", "only_cls", "nopool_cls")
+SIZE_SEP = "@"
+
+
+def split_tap(name: str) -> tuple[str, int | None]:
+  """`'block3_output@4096'` -> `('block3_output', 4096)`; a plain name -> `(name, None)`."""
+  tap, sep, size = name.rpartition(SIZE_SEP)
+  if not sep:
+    return name, None
+  if not size.isdigit() or not tap:
+    raise ValueError(f"tap {name!r}: expected '<tap>@<target size>' with an integer size")
+  return tap, int(size)
+
+
+def sized_taps(taps: Sequence[str], target_sizes: Sequence[int]) -> tuple[str, ...]:
+  """Every tap at every target size, size by size as the reference: `'<tap>@<size>'`."""
+  return tuple(f"{t}{SIZE_SEP}{int(s)}" for s in target_sizes for t in taps)
 
 
 def _avg_pool_2d(x: jax.Array, pool: int) -> jax.Array:
@@ -124,8 +143,10 @@ def _extract_batch(
   _, all_taps = backbone.apply(params, x)
   out = {}
   for name in taps:
-    t = x if name == "input" else all_taps[name]
-    out[name] = pool_tap(t, target_size, cls_token_pool, pool_size=pool_size).astype(jnp.float32)
+    tap, size = split_tap(name)
+    t = x if tap == "input" else all_taps[tap]
+    size = target_size if size is None else size
+    out[name] = pool_tap(t, size, cls_token_pool, pool_size=pool_size).astype(jnp.float32)
   return out
 
 
@@ -150,9 +171,9 @@ def _data_parallel(backbone: Backbone, batch_size: int):
 
 
 def check_taps(backbone: Backbone, taps: Sequence[str]) -> tuple[str, ...]:
-  """Validates tap names against the backbone ('input' is the image itself)."""
+  """Validates tap names against the backbone ('input' is the image itself; '<tap>@<size>' allowed)."""
   valid = set(backbone.tap_names) | {"input"}
-  unknown = [t for t in taps if t not in valid]
+  unknown = [t for t in taps if split_tap(t)[0] not in valid]
   if unknown:
     raise ValueError(
       f"backbone {backbone.name!r} has no tap {', '.join(map(repr, unknown))}; "

@@ -8,7 +8,7 @@ import numpy as np
 from absl.testing import absltest
 
 import configs.vtab as vtab_config
-from h2t import head2toe, probe
+from h2t import backbones, data, evaluate, features, head2toe, predict, probe
 
 
 def _toy(seed=0, n=200, labels=None):
@@ -200,6 +200,110 @@ class DataFractionTest(absltest.TestCase):
     config.learning.data_fraction = 0.0
     with self.assertRaisesRegex(ValueError, r"data_fraction=0.0; expected a fraction in \(0, 1\]"):
       evaluate.validate(config)
+
+
+def _fast_config(workdir_cache, **overrides):
+  """The offline default, small: EfficientNet-Lite0 at 32 px, 20 steps, a 2-point grid."""
+  config = vtab_config.get_config()
+  config.backbone.input_size = 32
+  config.backbone.additional_features_target_size = 64
+  config.learning.training_steps = 20
+  config.sweep = "learning.feature_selection.keep_fraction=0.05,0.1"
+  config.cache_dir = workdir_cache
+  for k, v in overrides.items():
+    node = config
+    *path, leaf = k.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return config
+
+
+class MultiTargetSizesTest(absltest.TestCase):
+  def test_tap_names(self):
+    self.assertEqual(features.split_tap("block3_output@4096"), ("block3_output", 4096))
+    self.assertEqual(features.split_tap("pre_logits"), ("pre_logits", None))
+    with self.assertRaisesRegex(ValueError, "integer size"):
+      features.split_tap("block3_output@big")
+    # Size by size, as the reference concatenates them.
+    self.assertEqual(features.sized_taps(["a", "b"], [16, 64]), ("a@16", "b@16", "a@64", "b@64"))
+
+  def test_each_sized_tap_is_pooled_at_its_size(self):
+    backbone = backbones.create("efficientnet_lite0", input_size=64)
+    x = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3)).astype(np.uint8)
+    both = features.extract(backbone, x, taps=["block3_output@160", "block3_output@640"], target_size=0)
+    for size in (160, 640):
+      alone = features.extract(backbone, x, taps=["block3_output"], target_size=size)["block3_output"]
+      np.testing.assert_allclose(both[f"block3_output@{size}"], alone, rtol=1e-5, atol=1e-5)
+    self.assertEqual(both["block3_output@160"].shape, (3, 160))  # 8x8x40 -> 2x2x40
+    self.assertEqual(both["block3_output@640"].shape, (3, 640))  # -> 4x4x40
+
+  def test_run_uses_every_size(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      config = _fast_config(
+        os.path.join(tmp, "cache"),
+        **{
+          "backbone.additional_features_multi_target_sizes": "16,64",
+          "backbone.additional_features": "block5_output",
+        },
+      )
+      r = evaluate.run(config, tmp)
+      self.assertEqual(r["taps"], ["block5_output@16", "pre_logits@16", "block5_output@64", "pre_logits@64"])
+      self.assertEqual(r["tap_sizes"]["block5_output@16"], 80)  # c = 80 >= 16: global pooling
+      self.assertEqual(r["methods"]["linear"]["num_kept"], 1280)  # pre_logits once
+      head = head2toe.Head.load(os.path.join(tmp, "head_head2toe.npz"))
+      self.assertTrue(set(head.kept) <= set(r["taps"]))
+      self.assertGreater(r["methods"]["head2toe"]["test_accuracy"], 0.3)  # chance 0.1
+
+  def test_bad_sizes(self):
+    config = vtab_config.get_config()
+    config.backbone.additional_features_multi_target_sizes = "1024,big"
+    with self.assertRaisesRegex(ValueError, "multi_target_sizes='1024,big'; expected integers"):
+      evaluate.validate(config)
+
+
+class SeveralBackbonesTest(absltest.TestCase):
+  def test_members_taps_are_prefixed_and_equal_the_single_backbone(self):
+    pair = backbones.create("efficientnet_lite0+efficientnet_lite0", input_size=32)
+    self.assertLen(pair.tap_names, 2 * len(backbones.create("efficientnet_lite0", input_size=32).tap_names))
+    self.assertEqual(pair.tap_names[0], "efficientnet_lite0_0/stem")
+    self.assertIn("efficientnet_lite0_1/pre_logits", pair.tap_names)
+    single = backbones.create("efficientnet_lite0", input_size=32)
+    x = np.random.default_rng(1).integers(0, 256, (2, 48, 48, 3)).astype(np.uint8)
+    got = features.extract(pair, x, taps=["efficientnet_lite0_1/pre_logits"], target_size=64)
+    want = features.extract(single, x, taps=["pre_logits"], target_size=64)
+    np.testing.assert_allclose(got["efficientnet_lite0_1/pre_logits"], want["pre_logits"], atol=1e-5)
+
+  def test_errors_name_the_problem(self):
+    with self.assertRaisesRegex(ValueError, "unknown backbone 'resnet18' in 'resnet50\\+resnet18'"):
+      backbones.create("resnet50+resnet18")
+    with self.assertRaisesRegex(ValueError, "2 members but 3 checkpoints"):
+      backbones.create("efficientnet_lite0+efficientnet_lite0", "a,b,c")
+    config = vtab_config.get_config()
+    config.backbone.name = "efficientnet_lite0+efficientnet_lite0"
+    config.methods = ("head2toe", "finetune")
+    with self.assertRaisesRegex(ValueError, "'finetune' fine-tunes one backbone"):
+      evaluate.validate(config)
+
+  def test_run_and_predict(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      config = _fast_config(
+        os.path.join(tmp, "cache"), **{"backbone.name": "efficientnet_lite0+efficientnet_lite0"}
+      )
+      r = evaluate.run(config, tmp)
+      self.assertEqual(
+        r["num_features"],
+        2 * sum(v for t, v in r["tap_sizes"].items() if t.startswith("efficientnet_lite0_0/")),
+      )
+      self.assertEqual(r["methods"]["linear"]["num_kept"], 2 * 1280)  # both members' pre_logits
+      # The saved head rebuilds the pair from its meta and classifies the test images as the run did.
+      head = head2toe.Head.load(os.path.join(tmp, "head_head2toe.npz"))
+      task = data.get_task("digits")
+      images, labels = task.arrays("test", image_size=32)
+      pred, _ = predict.predict_images(head, images)
+      self.assertAlmostEqual(
+        float((pred == labels).mean()), r["methods"]["head2toe"]["test_accuracy"], places=6
+      )
 
 
 if __name__ == "__main__":
