@@ -336,6 +336,54 @@ def _fold_keys(seed: int, fold_ids: Sequence[int]) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(fold_ids))
 
 
+class HeadSharding:
+  """Spreads the grid's heads (grid points, or distinct stage-1 settings) over the local devices.
+
+  With one device it does nothing. With several, a head axis is padded to a
+  multiple of the device count (repeating its last head, whose copies are
+  dropped afterwards) and placed with a `NamedSharding` along a 1-D mesh
+  axis 'heads'; the features and fold indices are replicated. Under `jit`,
+  XLA partitions the vmapped programs along that axis: each device trains
+  its share of the heads, on the whole minibatch. A head's arithmetic does
+  not depend on which device runs it.
+  """
+
+  def __init__(self, devices: Sequence[jax.Device] | None = None):
+    self.devices = list(devices if devices is not None else jax.local_devices())
+    self.mesh = jax.sharding.Mesh(np.asarray(self.devices), ("heads",)) if len(self.devices) > 1 else None
+
+  @property
+  def size(self) -> int:
+    return len(self.devices)
+
+  def padded(self, n: int) -> int:
+    return -(-n // self.size) * self.size
+
+  def pad(self, a, axis: int = 0):
+    """Pads `a`'s head `axis` to `padded` by repeating its last entry."""
+    a = jnp.asarray(a)
+    n = a.shape[axis]
+    extra = self.padded(n) - n
+    if extra == 0:
+      return a
+    last = jax.lax.slice_in_dim(a, n - 1, n, axis=axis)
+    return jnp.concatenate([a, jnp.repeat(last, extra, axis=axis)], axis=axis)
+
+  def shard(self, a, axis: int = 0):
+    """`a` padded along `axis` and split over the devices along it."""
+    a = self.pad(a, axis)
+    if self.mesh is None:
+      return a
+    spec = [None] * a.ndim
+    spec[axis] = "heads"
+    return jax.device_put(a, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec)))
+
+  def replicate(self, a):
+    if self.mesh is None:
+      return a
+    return jax.device_put(a, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+
 @dataclasses.dataclass
 class GridRun:
   """Outputs of `run_grid` for `P` points on `F` folds.
@@ -393,7 +441,8 @@ def run_grid(
   All `learnings` must share `program_key`; they may differ in learning rate,
   penalty coefficients, keep fraction and offset. Each stage is one jitted
   program vmapped over folds and grid points; the points that share a
-  stage-1 configuration share its run.
+  stage-1 configuration share its run. With several local devices the heads
+  are split over them (`HeadSharding`); the results do not change.
 
   Args:
     prep: the features.
@@ -420,6 +469,7 @@ def run_grid(
   keys_select = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
   keys_head = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
   num_folds, num_points, dim = len(folds), len(learnings), prep.dim
+  heads = HeadSharding()
   # What stage 1 (or the data scores) reads: this task's folds, or fs_dataset's.
   if select_from is None:
     sprep, s_labels, s_train_idx, s_classes = prep, np.asarray(labels), train_idx, num_classes
@@ -455,12 +505,12 @@ def run_grid(
     hp_rows = [tuple(hparams(s_)) for s_ in sel]
     unique = list(dict.fromkeys(hp_rows))
     row_of = np.asarray([unique.index(r) for r in hp_rows])
-    hp1 = probe.HParams(*[jnp.asarray(col, jnp.float32) for col in zip(*unique, strict=True)])
+    hp1 = probe.HParams(*[heads.shard(jnp.asarray(col, jnp.float32)) for col in zip(*unique, strict=True)])
     groups, num_groups = None, 0
     if sel[0].group_lrp_is_embedding:
       # Groups are whole taps. Unlike the reference, the coefficient applies here too.
       groups, num_groups = prep.tap_of, len(prep.taps)
-    x1 = sprep.unit_vector() if mode == "unit_vector" else sprep.x
+    x1 = heads.replicate(sprep.unit_vector() if mode == "unit_vector" else sprep.x)
     stage1 = jax.vmap(
       functools.partial(
         probe.train_all_features,
@@ -482,18 +532,23 @@ def run_grid(
         jax.vmap(lambda kk, r=r: jax.random.fold_in(kk, r))(keys_select),
       )
       scores = scores + _device_scores(fs.type, w, prep.tap_of, len(prep.taps))
-    scores = (scores / k)[:, row_of]  # [F, P, D]
+    scores = (scores / k)[:, row_of]  # [F, P, D]; padding heads dropped
     kept_idx, kept_mask = _select(scores, learnings, prep)
 
   hp2 = probe.HParams(
-    *[jnp.asarray(col, jnp.float32) for col in zip(*[tuple(hparams(lr)) for lr in learnings], strict=True)]
+    *[
+      heads.shard(jnp.asarray(col, jnp.float32))
+      for col in zip(*[tuple(hparams(lr)) for lr in learnings], strict=True)
+    ]
   )
+  x = heads.replicate(prep.x)
+  kept_idx_h, kept_mask_h = heads.shard(kept_idx, axis=1), heads.shard(kept_mask, axis=1)
   params, losses = probe.train_kept_features_folds(
-    prep.x,
+    x,
     y,
     train_idx,
-    kept_idx,
-    kept_mask,
+    kept_idx_h,
+    kept_mask_h,
     prep.tap_of,
     hp2,
     keys_head,
@@ -508,13 +563,13 @@ def run_grid(
       functools.partial(probe.kept_accuracy, num_taps=len(prep.taps), mode=mode),
       in_axes=(None, None, 0, 0, 0, 0, None, 0),
     )
-    correct = np.asarray(acc_fn(prep.x, y, train_idx, eval_idx, kept_idx, kept_mask, prep.tap_of, params))
-    accuracy = correct.astype(np.float64) / eval_idx.shape[1]
+    correct = np.asarray(acc_fn(x, y, train_idx, eval_idx, kept_idx_h, kept_mask_h, prep.tap_of, params))
+    accuracy = correct[:, :num_points].astype(np.float64) / eval_idx.shape[1]
   return GridRun(
     kept_idx=np.asarray(kept_idx),
     kept_mask=np.asarray(kept_mask),
-    params={k: np.asarray(v) for k, v in params.items()},
-    losses=np.asarray(losses),
+    params={k: np.asarray(v)[:, :num_points] for k, v in params.items()},
+    losses=np.asarray(losses)[:, :num_points],
     accuracy=accuracy,
   )
 
