@@ -424,6 +424,76 @@ def _select(scores, learnings, prep: Prepared) -> tuple[jax.Array, jax.Array]:
   )
 
 
+def selection_keys(seed: int, fold_ids: Sequence[int]) -> jax.Array:
+  """`[F]` keys of the stage-1 (selection) runs of `run_grid`'s folds."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, 0))(_fold_keys(seed, fold_ids))
+
+
+def connectivity_scores(
+  prep: Prepared,
+  labels: np.ndarray,
+  learnings: Sequence[ml_collections.ConfigDict],
+  train_idx: jax.Array,
+  keys: jax.Array,
+  *,
+  num_classes: int,
+  repeats: Sequence[int] = (0,),
+  heads: HeadSharding | None = None,
+) -> jax.Array:
+  """Stage 1 of the grid: connectivity scores `[F, P, D]` of every fold and point.
+
+  One vmapped program trains a head on all features per fold and distinct
+  selection setting (base learning + `learning_config_overwrite`); its first
+  kernel's rows are scored by `feature_selection.type`. Repeat `r` draws its
+  initialisation and minibatches from `fold_in(key, r)`; the scores are
+  averaged over `repeats` (`average_over_k` runs 0..k-1).
+
+  Args:
+    prep: features to select on.
+    labels: `[n]` their labels.
+    learnings: one per grid point, sharing `program_key`.
+    train_idx: `[F, m]` each fold's training indices.
+    keys: `[F]` each fold's selection key (`selection_keys`).
+    num_classes: classes of `labels`.
+    repeats: the runs to average.
+    heads: how heads are spread over devices (default: all local devices).
+  """
+  heads = heads or HeadSharding()
+  fs = learnings[0].feature_selection
+  mode = learnings[0].feature_normalization
+  sel = [selection_learning(lr) for lr in learnings]
+  hp_rows = [tuple(hparams(s_)) for s_ in sel]
+  unique = list(dict.fromkeys(hp_rows))
+  row_of = np.asarray([unique.index(r) for r in hp_rows])
+  hp1 = probe.HParams(*[heads.shard(jnp.asarray(col, jnp.float32)) for col in zip(*unique, strict=True)])
+  groups, num_groups = None, 0
+  if sel[0].group_lrp_is_embedding:
+    # Groups are whole taps. Unlike the reference, the coefficient applies here too.
+    groups, num_groups = prep.tap_of, len(prep.taps)
+  x1 = heads.replicate(prep.unit_vector() if mode == "unit_vector" else prep.x)
+  stage1 = jax.vmap(
+    functools.partial(
+      probe.train_all_features,
+      spec=train_spec(sel[0], num_classes),
+      groups=groups,
+      num_groups=num_groups,
+      per_feature=mode == "per_feature",
+    ),
+    in_axes=(None, None, 0, None, 0),
+  )
+  scores = 0.0
+  for r in repeats:
+    w, _ = stage1(
+      x1,
+      jnp.asarray(labels, jnp.int32),
+      jnp.asarray(train_idx, jnp.int32),
+      hp1,
+      jax.vmap(lambda kk, r=r: jax.random.fold_in(kk, r))(keys),
+    )
+    scores = scores + _device_scores(fs.type, w, prep.tap_of, len(prep.taps))
+  return (scores / len(repeats))[:, row_of]  # [F, P, D]; padding heads dropped
+
+
 def run_grid(
   prep: Prepared,
   labels: np.ndarray,
@@ -465,9 +535,8 @@ def run_grid(
   mode = base.feature_normalization
   y = jnp.asarray(labels, jnp.int32)
   train_idx = jnp.asarray(np.stack([f[0] for f in folds]), jnp.int32)
-  keys = _fold_keys(seed, fold_ids)
-  keys_select = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
-  keys_head = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+  keys_select = selection_keys(seed, fold_ids)
+  keys_head = jax.vmap(lambda k: jax.random.fold_in(k, 1))(_fold_keys(seed, fold_ids))
   num_folds, num_points, dim = len(folds), len(learnings), prep.dim
   heads = HeadSharding()
   # What stage 1 (or the data scores) reads: this task's folds, or fs_dataset's.
@@ -501,38 +570,16 @@ def run_grid(
     scores = np.broadcast_to(scores[:, None], (num_folds, num_points, dim))
     kept_idx, kept_mask = _select(scores, learnings, prep)
   else:
-    sel = [selection_learning(lr) for lr in learnings]
-    hp_rows = [tuple(hparams(s_)) for s_ in sel]
-    unique = list(dict.fromkeys(hp_rows))
-    row_of = np.asarray([unique.index(r) for r in hp_rows])
-    hp1 = probe.HParams(*[heads.shard(jnp.asarray(col, jnp.float32)) for col in zip(*unique, strict=True)])
-    groups, num_groups = None, 0
-    if sel[0].group_lrp_is_embedding:
-      # Groups are whole taps. Unlike the reference, the coefficient applies here too.
-      groups, num_groups = prep.tap_of, len(prep.taps)
-    x1 = heads.replicate(sprep.unit_vector() if mode == "unit_vector" else sprep.x)
-    stage1 = jax.vmap(
-      functools.partial(
-        probe.train_all_features,
-        spec=train_spec(sel[0], s_classes),
-        groups=groups,
-        num_groups=num_groups,
-        per_feature=mode == "per_feature",
-      ),
-      in_axes=(None, None, 0, None, 0),
+    scores = connectivity_scores(
+      sprep,
+      s_labels,
+      learnings,
+      s_train_idx,
+      keys_select,
+      num_classes=s_classes,
+      repeats=range(int(fs.average_over_k)),
+      heads=heads,
     )
-    k = int(fs.average_over_k)
-    scores = 0.0
-    for r in range(k):
-      w, _ = stage1(
-        x1,
-        jnp.asarray(s_labels, jnp.int32),
-        s_train_idx,
-        hp1,
-        jax.vmap(lambda kk, r=r: jax.random.fold_in(kk, r))(keys_select),
-      )
-      scores = scores + _device_scores(fs.type, w, prep.tap_of, len(prep.taps))
-    scores = (scores / k)[:, row_of]  # [F, P, D]; padding heads dropped
     kept_idx, kept_mask = _select(scores, learnings, prep)
 
   hp2 = probe.HParams(
