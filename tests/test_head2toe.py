@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-import configs.vtab as vtab_config
 from h2t import head2toe, probe, selection
+from tests import toy
 
 
 def _toy_task(seed=0, n=200, informative=("b",)):
@@ -26,15 +26,7 @@ def _toy_task(seed=0, n=200, informative=("b",)):
 
 
 def _learning(**overrides):
-  learning = vtab_config.get_config().learning
-  learning.training_steps = 100
-  for k, v in overrides.items():
-    node = learning
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return learning
+  return toy.learning(100, **overrides)
 
 
 class NormalizeTest(absltest.TestCase):

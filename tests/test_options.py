@@ -9,28 +9,7 @@ from absl.testing import absltest
 
 import configs.vtab as vtab_config
 from h2t import backbones, data, evaluate, features, head2toe, predict, probe
-
-
-def _toy(seed=0, n=200, labels=None):
-  """Two taps; tap 'b' carries the label in its first 3 features."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 3, n).astype(np.int32) if labels is None else labels
-  a = rng.normal(size=(n, 30)).astype(np.float32)
-  b = rng.normal(size=(n, 20)).astype(np.float32)
-  b[:, :3] += 4.0 * np.eye(3, dtype=np.float32)[labels]
-  return {"a": a, "b": b}, labels
-
-
-def _learning(**overrides):
-  learning = vtab_config.get_config().learning
-  learning.training_steps = 60
-  for k, v in overrides.items():
-    node = learning
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return learning
+from tests import toy
 
 
 class OutputHeadTypeTest(absltest.TestCase):
@@ -43,13 +22,13 @@ class OutputHeadTypeTest(absltest.TestCase):
       probe.parse_output_head_type("hidden_100", 5)
 
   def test_unknown_type_fails_before_training(self):
-    feats, labels = _toy()
+    feats, labels = toy.two_taps()
     with self.assertRaisesRegex(ValueError, "output_head_type='random'"):
-      head2toe.fit(feats, labels, _learning(output_head_type="random"), seed=0)
+      head2toe.fit(feats, labels, toy.learning(output_head_type="random"), seed=0)
 
   def _fit(self, head_type, lr=0.1, selection="none"):
-    feats, labels = _toy()
-    learning = _learning(
+    feats, labels = toy.two_taps()
+    learning = toy.learning(
       output_head_type=head_type, learning_rate=lr, **{"feature_selection.type": selection}
     )
     return head2toe.fit(feats, labels, learning, seed=3), feats, labels
@@ -72,7 +51,7 @@ class OutputHeadTypeTest(absltest.TestCase):
     self.assertGreater((trained.predict(feats).argmax(-1) == labels).mean(), 0.9)
 
   def test_probe_train_freezes_random_layer(self):
-    feats, labels = _toy()
+    feats, labels = toy.two_taps()
     x = np.concatenate([feats["a"], feats["b"]], 1)
     spec = probe.TrainSpec(num_classes=3, training_steps=30, hidden_units=8, hidden_trainable=False)
     key = jax.random.key(0)
@@ -82,7 +61,7 @@ class OutputHeadTypeTest(absltest.TestCase):
     self.assertFalse(np.allclose(params["w"], start["w"]))
 
   def test_selection_scores_rows_of_the_hidden_kernel(self):
-    feats, labels = _toy()
+    feats, labels = toy.two_taps()
     x = np.concatenate([feats["a"], feats["b"]], 1)
     spec = probe.TrainSpec(num_classes=3, training_steps=30, hidden_units=12)
     hp = probe.HParams(*[np.asarray([v], np.float32) for v in (0.1, 0.0, 0.0, 1e-3)])
@@ -103,7 +82,7 @@ class OutputHeadTypeTest(absltest.TestCase):
 
 def _two_tasks(n=200):
   """Task A's label lives in tap 'b', task B's in tap 'a' (same taps and widths)."""
-  feats_a, labels_a = _toy(seed=1, n=n)
+  feats_a, labels_a = toy.two_taps(seed=1, n=n)
   rng = np.random.default_rng(2)
   labels_b = rng.integers(0, 4, n).astype(np.int32)
   feats_b = {
@@ -115,22 +94,22 @@ def _two_tasks(n=200):
 
 
 class FsDatasetTest(absltest.TestCase):
-  def _learning(self):
-    return _learning(**{"feature_selection.keep_fraction": 0.08})  # 4 of 50 features
+  def _fs_learning(self):
+    return toy.learning(**{"feature_selection.keep_fraction": 0.08})  # 4 of 50 features
 
   def test_selects_on_the_other_task(self):
     (fa, la), (fb, lb) = _two_tasks()
-    own = head2toe.fit(fa, la, self._learning(), seed=0)
+    own = head2toe.fit(fa, la, self._fs_learning(), seed=0)
     self.assertEqual(list(own.kept), ["b"])  # its own signal
     src = head2toe.SelectionSource.from_features(fb, lb, name="task_b")
-    other = head2toe.fit(fa, la, self._learning(), seed=0, select_from=src)
+    other = head2toe.fit(fa, la, self._fs_learning(), seed=0, select_from=src)
     self.assertEqual(list(other.kept), ["a"])  # task B's signal
     np.testing.assert_array_equal(other.kept["a"], [0, 1, 2, 3])
     self.assertEqual(other.params["b"].shape, (3,))  # the head is task A's
 
   def test_cross_validation_selects_on_the_other_task(self):
     (fa, la), (fb, lb) = _two_tasks(n=250)
-    learning = self._learning()
+    learning = self._fs_learning()
     src = head2toe.SelectionSource.from_features(fb, lb)
     own = head2toe.cross_validate(head2toe.prepare(fa), la, [learning], seed=0, num_classes=3)
     other = head2toe.cross_validate(
@@ -143,7 +122,7 @@ class FsDatasetTest(absltest.TestCase):
     (fa, la), (fb, lb) = _two_tasks()
     src = head2toe.SelectionSource.from_features({"a": fb["a"]}, lb, name="task_b")
     with self.assertRaisesRegex(ValueError, "fs_dataset 'task_b'.*same backbone"):
-      head2toe.fit(fa, la, self._learning(), seed=0, select_from=src)
+      head2toe.fit(fa, la, self._fs_learning(), seed=0, select_from=src)
 
   def test_unknown_fs_dataset_is_named(self):
     from h2t import evaluate
@@ -156,15 +135,15 @@ class FsDatasetTest(absltest.TestCase):
 
 class DataFractionTest(absltest.TestCase):
   def test_training_subset_is_balanced_k_shot(self):
-    _, labels = _toy(n=300)
-    sub = head2toe.training_subset(np.arange(300), labels, _learning(data_fraction=0.03), 3)
+    _, labels = toy.two_taps(n=300)
+    sub = head2toe.training_subset(np.arange(300), labels, toy.learning(data_fraction=0.03), 3)
     self.assertEqual(np.bincount(labels[sub]).tolist(), [10, 10, 10])  # k = int(1000 * 0.03 / 3)
-    everything = head2toe.training_subset(np.arange(300), labels, _learning(), 3)
+    everything = head2toe.training_subset(np.arange(300), labels, toy.learning(), 3)
     np.testing.assert_array_equal(everything, np.arange(300))
 
   def test_fit_reads_only_the_subset(self):
-    feats, labels = _toy(n=300)
-    learning = _learning(data_fraction=0.03)
+    feats, labels = toy.two_taps(n=300)
+    learning = toy.learning(data_fraction=0.03)
     sub = head2toe.training_subset(np.arange(300), labels, learning, 3)
     outside = np.setdiff1d(np.arange(300), sub)
     noisy = {t: v.copy() for t, v in feats.items()}
@@ -173,15 +152,15 @@ class DataFractionTest(absltest.TestCase):
     a = head2toe.fit(feats, labels, learning, seed=0)
     b = head2toe.fit(noisy, labels, learning, seed=0)
     np.testing.assert_array_equal(a.params["w"], b.params["w"])
-    full = head2toe.fit(feats, labels, _learning(), seed=0)  # data_fraction 1 reads every example
-    full_noisy = head2toe.fit(noisy, labels, _learning(), seed=0)
+    full = head2toe.fit(feats, labels, toy.learning(), seed=0)  # data_fraction 1 reads every example
+    full_noisy = head2toe.fit(noisy, labels, toy.learning(), seed=0)
     self.assertFalse(np.array_equal(full.params["w"], full_noisy.params["w"]))
 
   def test_cross_validation_subsets_each_fold(self):
     labels = np.random.default_rng(5).integers(0, 3, 250).astype(np.int32)
     labels[:50] = 0  # fold 0's validation block is all class 0: fold subsets differ in size
-    feats, _ = _toy(n=250, labels=labels)
-    learning = _learning(data_fraction=0.06)  # k = 20 per class
+    feats, _ = toy.two_taps(n=250, labels=labels)
+    learning = toy.learning(data_fraction=0.06)  # k = 20 per class
     acc = head2toe.cross_validate(head2toe.prepare(feats), labels, [learning], seed=0, num_classes=3)
     self.assertEqual(acc.shape, (1, 5))
     self.assertGreater(acc.mean(), 0.7)  # 60 training examples per fold; chance is 1/3
@@ -210,13 +189,7 @@ def _fast_config(workdir_cache, **overrides):
   config.learning.training_steps = 20
   config.sweep = "learning.feature_selection.keep_fraction=0.05,0.1"
   config.cache_dir = workdir_cache
-  for k, v in overrides.items():
-    node = config
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return config
+  return toy.override(config, **overrides)
 
 
 class MultiTargetSizesTest(absltest.TestCase):

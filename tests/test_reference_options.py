@@ -9,35 +9,13 @@ from absl.testing import absltest, parameterized
 
 import configs.vtab as vtab_config
 from h2t import evaluate, features, head2toe, probe, selection
-
-
-def _toy(seed=0, n=200):
-  """Taps 'a' (30 noise features) and 'b' (20; the label in its first 3)."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 3, n).astype(np.int32)
-  a = rng.normal(size=(n, 30)).astype(np.float32)
-  b = rng.normal(size=(n, 20)).astype(np.float32)
-  b[:, :3] += 4.0 * np.eye(3, dtype=np.float32)[labels]
-  return {"a": a, "b": b}, labels
-
-
-def _learning(**overrides):
-  learning = vtab_config.get_config().learning
-  learning.training_steps = 60
-  for k, v in overrides.items():
-    node = learning
-    *path, leaf = k.split(".")
-    for p in path:
-      node = node[p]
-    node[leaf] = v
-  return learning
-
+from tests import toy
 
 FOLDS = [(np.arange(0, 160), np.arange(160, 200)), (np.arange(40, 200), np.arange(0, 40))]
 
 
 def _grid(learnings, seed=0):
-  feats, labels = _toy()
+  feats, labels = toy.two_taps()
   return head2toe.run_grid(
     head2toe.prepare(feats), labels, learnings, FOLDS, [0, 1], seed=seed, num_classes=3
   )
@@ -53,9 +31,9 @@ class SelectionOptionsTest(parameterized.TestCase):
     # 50 features: 7, 5 and 2 kept; the three points share one stage-1 run.
     run = _grid(
       [
-        _learning(**{"feature_selection.keep_fraction": 0.14}),
-        _learning(**{"feature_selection.keep_fraction": 0.1, "feature_selection.keep_fraction_offset": 2}),
-        _learning(**{"feature_selection.keep_fraction": 0.04}),
+        toy.learning(**{"feature_selection.keep_fraction": 0.14}),
+        toy.learning(**{"feature_selection.keep_fraction": 0.1, "feature_selection.keep_fraction_offset": 2}),
+        toy.learning(**{"feature_selection.keep_fraction": 0.04}),
       ]
     )
     for fold in range(2):
@@ -64,9 +42,9 @@ class SelectionOptionsTest(parameterized.TestCase):
       self.assertEqual(offset, top7 - top2)
 
   def test_average_over_k_averages_k_scorings(self):
-    feats, labels = _toy()
+    feats, labels = toy.two_taps()
     prep = head2toe.prepare(feats)
-    learning = _learning(**{"feature_selection.keep_fraction": 0.1, "feature_selection.average_over_k": 3})
+    learning = toy.learning(**{"feature_selection.keep_fraction": 0.1, "feature_selection.average_over_k": 3})
     train = np.stack([f[0] for f in FOLDS])
     keys = head2toe.selection_keys(0, [0, 1])
     one = [
@@ -88,20 +66,20 @@ class SelectionOptionsTest(parameterized.TestCase):
   def test_mean_interpolation_coef_one_ranks_by_tap_mean(self):
     coef1 = _grid(
       [
-        _learning(
+        toy.learning(
           **{"feature_selection.keep_fraction": 0.2, "feature_selection.mean_interpolation_coef": 1.0}
         )
       ]
     )
     # Every feature scores its tap's mean: ties go to the lowest indices of the better tap 'b'.
     np.testing.assert_array_equal(_kept(coef1, 0), 30 + np.arange(10))
-    plain = _grid([_learning(**{"feature_selection.keep_fraction": 0.2})])
+    plain = _grid([toy.learning(**{"feature_selection.keep_fraction": 0.2})])
     self.assertFalse(np.array_equal(_kept(plain, 0), 30 + np.arange(10)))
 
   def test_l2layer_keeps_whole_taps_in_order(self):
     run = _grid(
       [
-        _learning(
+        toy.learning(
           **{"feature_selection.keep_fraction": 0.2, "feature_selection.type": "connectivity_l2layer"}
         )
       ]
@@ -110,7 +88,7 @@ class SelectionOptionsTest(parameterized.TestCase):
 
   @parameterized.parameters("connectivity_l2", "connectivity_l1", "connectivity_linf")
   def test_connectivity_types_find_the_signal(self, kind):
-    run = _grid([_learning(**{"feature_selection.keep_fraction": 0.06, "feature_selection.type": kind})])
+    run = _grid([toy.learning(**{"feature_selection.keep_fraction": 0.06, "feature_selection.type": kind})])
     # 3 of 50 kept; by chance 3 informative ones would come 1 time in 19,600.
     self.assertGreaterEqual(len(set(_kept(run, 0).tolist()) & {30, 31, 32}), 2)
 
@@ -126,21 +104,21 @@ class SelectionOptionsTest(parameterized.TestCase):
     "variance", "sklearn_chi2", "sklearn_f_classif", "sklearn_mutual_info_classif", "sklearn_trees"
   )
   def test_data_scores_find_the_signal(self, kind):
-    run = _grid([_learning(**{"feature_selection.keep_fraction": 0.06, "feature_selection.type": kind})])
+    run = _grid([toy.learning(**{"feature_selection.keep_fraction": 0.06, "feature_selection.type": kind})])
     np.testing.assert_array_equal(_kept(run, 0), [30, 31, 32])
 
   def test_random_scores_depend_on_the_seed(self):
-    learning = _learning(**{"feature_selection.keep_fraction": 0.2, "feature_selection.type": "random"})
+    learning = toy.learning(**{"feature_selection.keep_fraction": 0.2, "feature_selection.type": "random"})
     self.assertFalse(np.array_equal(_kept(_grid([learning], seed=0), 0), _kept(_grid([learning], seed=1), 0)))
     np.testing.assert_array_equal(_kept(_grid([learning], seed=0), 0), _kept(_grid([learning], seed=0), 0))
 
   def test_group_lrp_is_embedding_penalises_whole_taps_with_its_coefficient(self):
-    feats, labels = _toy()
+    feats, labels = toy.two_taps()
     prep = head2toe.prepare(feats)
     train, keys = np.stack([f[0] for f in FOLDS]), head2toe.selection_keys(0, [0, 1])
 
     def tap_norms(coef):
-      learning = _learning(
+      learning = toy.learning(
         group_lrp_is_embedding=True,
         **{"feature_selection.learning_config_overwrite.group_lrp_regularizer_coef": coef},
       )
@@ -158,7 +136,7 @@ class TrainerOptionsTest(absltest.TestCase):
   """One step from a zero kernel on the whole set shows the update rule exactly."""
 
   def _one_step(self, **spec_kw):
-    feats, labels = _toy(n=64)
+    feats, labels = toy.two_taps(n=64)
     x = jnp.asarray(np.concatenate([feats["a"], feats["b"]], 1))
     spec = probe.TrainSpec(
       num_classes=3, training_steps=1, batch_size=64, zero_init=True, use_cosine_decay=False, **spec_kw
@@ -176,7 +154,7 @@ class TrainerOptionsTest(absltest.TestCase):
     self.assertEqual(float(jnp.abs(probe.init_head(jax.random.key(0), 5, spec)["w"]).max()), 0.0)
     glorot = probe.init_head(jax.random.key(0), 5, probe.TrainSpec(num_classes=3))["w"]
     self.assertGreater(float(jnp.abs(glorot).max()), 0.1)
-    head = head2toe.fit(*_toy(), _learning(learning_rate=0.0, output_head_zeroinit=True), seed=0)
+    head = head2toe.fit(*toy.two_taps(), toy.learning(learning_rate=0.0, output_head_zeroinit=True), seed=0)
     self.assertEqual(float(np.abs(head.params["w"]).max()), 0.0)
 
   def test_sgd_step_is_minus_lr_times_gradient(self):
@@ -202,13 +180,13 @@ class TrainerOptionsTest(absltest.TestCase):
     self.assertAlmostEqual(float(probe.learning_rate_at(jnp.asarray(50), hp, flat)), 0.2, places=7)
 
   def test_l1_and_l2_regularizers_shrink_the_kernel(self):
-    feats, labels = _toy()
-    plain = head2toe.fit(feats, labels, _learning(**{"feature_selection.type": "none"}), seed=0)
+    feats, labels = toy.two_taps()
+    plain = head2toe.fit(feats, labels, toy.learning(**{"feature_selection.type": "none"}), seed=0)
     l1 = head2toe.fit(
-      feats, labels, _learning(l1_regularizer=1e-2, **{"feature_selection.type": "none"}), seed=0
+      feats, labels, toy.learning(l1_regularizer=1e-2, **{"feature_selection.type": "none"}), seed=0
     )
     l2 = head2toe.fit(
-      feats, labels, _learning(l2_regularizer=1e-1, **{"feature_selection.type": "none"}), seed=0
+      feats, labels, toy.learning(l2_regularizer=1e-1, **{"feature_selection.type": "none"}), seed=0
     )
     self.assertLess(np.abs(l1.params["w"]).sum(), 0.5 * np.abs(plain.params["w"]).sum())
     self.assertLess((l2.params["w"] ** 2).sum(), 0.5 * (plain.params["w"] ** 2).sum())
