@@ -34,7 +34,8 @@ The penalty scale: every tap is unit-normalised, so the concatenated vector
 has norm sqrt(51); the loss is mean cross-entropy (about 2.3 at the start)
 and the penalties are sums over the [42488, 10] kernel (at initialisation
 sum|W| ~ 2e3, sum W^2 ~ 20, sum of row norms ~ 1e3), so the values above put
-each penalty between about 1% and 20% of the starting loss.
+each penalty between about 0.1% and 10% of the starting loss; the penalties
+grow as the weights do.
 
 A variant whose workdir holds a results.json is finished and reused (a
 killed run continues where it stopped; one made with another config stops
@@ -48,6 +49,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -309,8 +311,13 @@ def render(
   lines += machine_lines()
   lines += [
     f"- code: {code_line(runs_by_task)}",
-    f"- load average (1 min) at start {loads[0]:.2f}, at end {loads[1]:.2f} (other jobs may have shared "
-    "the cores: the times are upper bounds)",
+    (
+      f"- load average (1 min) at start {loads[0]:.2f}, at end {loads[1]:.2f} (other jobs may have shared "
+      "the cores: the times are upper bounds)"
+      if reused < sum(len(r) for r in rows_by_task.values())
+      else "- every run was made by an earlier invocation and reused here (other jobs may have shared the "
+      "cores: the times are upper bounds)"
+    ),
     "- backbone: `efficientnet_lite0`, packaged ImageNet-1k weights, 51 taps average-pooled to about "
     f"{base.backbone.additional_features_target_size} features each, unit-normalised per tap",
     "- input sizes: " + ", ".join(f"{t} {sizes.get(t, 224)} px" for t in rows_by_task),
@@ -486,7 +493,7 @@ def main(argv: Sequence[str]) -> None:
       logging.exception("%s/%s failed", task, variant)
       failed.append((task, variant, f"{type(e).__name__}: {e}"))
       rows_by_task[task].append({"variant": variant, "error": f"{type(e).__name__}"})
-  command = f"{sys.executable} experiments/offline_baselines.py " + " ".join(sys.argv[1:])
+  command = shlex.join([sys.executable, "experiments/offline_baselines.py", *sys.argv[1:]])
   text = render(
     rows_by_task,
     runs_by_task,
