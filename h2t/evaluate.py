@@ -549,9 +549,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
       timings[f"fit_{method}"] = time.perf_counter() - t0
       heads[method].save(os.path.join(workdir, f"head_{method}.npz"))
     t0 = time.perf_counter()
-    test_acc = stream_test(backbone, task, heads, config)
-    timings["test"] = time.perf_counter() - t0
-    results["test_images_per_s"] = task.size("test") / timings["test"]
+    test_acc = {}
+    if heads:  # fine-tuning alone streams its own test set in _run_finetune
+      test_acc = stream_test(backbone, task, heads, config)
+      timings["test"] = time.perf_counter() - t0
+      results["test_images_per_s"] = task.size("test") / timings["test"]
     for method, head in heads.items():
       sizes = {
         t: int(v.shape[1])
