@@ -189,7 +189,9 @@ def main(argv):
   )
 
   start = time.perf_counter()
-  test_acc = evaluate.stream_test(backbone, task, {"head2toe": head}, config)["head2toe"]
+  test_acc = evaluate.stream_test(backbone, task, {"head2toe": head}, int(config.backbone.batch_size))[
+    "head2toe"
+  ]
   timings["test"] = time.perf_counter() - start
   say(
     f"streamed test of {FLAGS.test_size} images: {timings['test']:.1f} s (compile included) = "

@@ -99,7 +99,7 @@ def main(argv):
   config.sweep = sweep_string(FLAGS.keep_fractions, FLAGS.coefs, FLAGS.learning_rates)
   points = grid.points(config)
   learnings = [cfg.learning for _, cfg in points]
-  if len({head2toe.program_key(lr) for lr in learnings}) != 1:
+  if len({grid.program_key(lr) for lr in learnings}) != 1:
     raise app.UsageError("the grid points do not share one program; sweep only traced values")
 
   backbone = backbones.create("efficientnet_lite0", input_size=FLAGS.input_size)

@@ -98,7 +98,7 @@ def child(head_path: str, size: int) -> dict[str, float]:
   images, labels = images[:size], labels[:size]
   config = _stream_config()
   warm = base.array_task("warmup", 10, {"test": (images[: FLAGS.batch_size], labels[: FLAGS.batch_size])})
-  evaluate.stream_test(backbone, warm, {"head2toe": head}, config)
+  evaluate.stream_test(backbone, warm, {"head2toe": head}, int(config.backbone.batch_size))
   task = base.array_task(f"{TASK}_test{size}", 10, {"test": (images, labels)})
   rss_between_batches: list[int] = []
   task = _sampling(task, rss_between_batches)
@@ -108,7 +108,9 @@ def child(head_path: str, size: int) -> dict[str, float]:
   rss_before = _status_kib("VmRSS")
   tracemalloc.start()
   start = time.perf_counter()
-  accuracy = evaluate.stream_test(backbone, task, {"head2toe": head}, config)["head2toe"]
+  accuracy = evaluate.stream_test(backbone, task, {"head2toe": head}, int(config.backbone.batch_size))[
+    "head2toe"
+  ]
   seconds = time.perf_counter() - start
   _, traced_peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()

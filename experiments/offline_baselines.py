@@ -168,7 +168,7 @@ def ridge_cv(cfg, workdir: str) -> dict[str, Any]:
   Reads the cached training features; `select_l2_reg` with the run's seed
   picks the same L2 as the run did (checked against the saved head).
   """
-  from h2t import backbones, data, evaluate, head2toe, ridge
+  from h2t import backbones, cache, data, evaluate, files, head2toe, normalize, ridge
 
   path = os.path.join(workdir, "ridge_cv.json")
   if os.path.exists(path):
@@ -177,8 +177,8 @@ def ridge_cv(cfg, workdir: str) -> dict[str, Any]:
   backbone = backbones.create(cfg.backbone.name, None, input_size=int(cfg.backbone.input_size) or None)
   task = data.get_task(cfg.dataset)
   taps = evaluate.resolve_taps(backbone, cfg.backbone)
-  feats, labels, _ = evaluate.train_features(backbone, task, taps, cfg, cfg.cache_dir)
-  x, _ = head2toe.normalize(feats, list(feats), cfg.learning.feature_normalization)
+  feats, labels, _ = cache.train_features(backbone, task, taps, cfg.backbone, cfg.cache_dir)
+  x, _ = normalize.features_matrix(feats, list(feats), cfg.learning.feature_normalization)
   l2, acc = ridge.select_l2_reg(x, labels, num_classes=task.num_classes, seed=int(cfg.seed))
   saved = head2toe.Head.load(os.path.join(workdir, "head_ridge.npz")).meta["ridge_l2_reg"]
   if float(saved) != float(l2):
@@ -189,7 +189,7 @@ def ridge_cv(cfg, workdir: str) -> dict[str, Any]:
     "cv_accuracy": list(map(float, acc)),
   }
   out["chosen_cv_accuracy"] = out["cv_accuracy"][out["l2_regs"].index(float(l2))]
-  evaluate.atomic_write_json(path, out)
+  files.atomic_write_json(path, out)
   return out
 
 
@@ -419,7 +419,7 @@ def main(argv: Sequence[str]) -> None:
   from vtab_sweep import Job, config_differences, run_job  # experiments/ is on sys.path
 
   # Every h2t module a run uses, imported now: the code is fixed at the start of the script.
-  from h2t import evaluate, finetune, ridge  # noqa: F401
+  from h2t import evaluate, files, finetune, ridge  # noqa: F401
   from h2t.data import pipeline
 
   pipeline.hide_gpus_from_tensorflow()
@@ -472,7 +472,7 @@ def main(argv: Sequence[str]) -> None:
         t0 = time.perf_counter()
         code = git_state()  # the code this run imported (h2t may change while the script runs)
         results = run_job(job, cfg)
-        evaluate.atomic_write_json(os.path.join(job.workdir, "offline_run.json"), {"code": code})
+        files.atomic_write_json(os.path.join(job.workdir, "offline_run.json"), {"code": code})
         logging.info(
           "[%d/%d] %s/%s: done in %.1fs: %s",
           i + 1,

@@ -44,7 +44,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from h2t import probe
+from h2t import normalize, probe
 from h2t.data import base
 
 # Parameter names of BatchNorm's running statistics (h2t.models.common.FrozenBatchNorm,
@@ -126,21 +126,6 @@ def _optimizer(spec: StepSpec) -> optax.GradientTransformation:
   return probe.update_direction(spec.optimizer, spec.grad_clip_value)
 
 
-def _learning_rate(step: jax.Array, base_lr: jax.Array, total: jax.Array, spec: StepSpec) -> jax.Array:
-  """Keras' CosineDecay(base_lr, total) at `step`, or the constant rate. All traced."""
-  if not spec.use_cosine_decay:
-    return base_lr
-  frac = jnp.minimum(step, total) / total
-  return base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-
-
-def _unit_vector(x: jax.Array) -> jax.Array:
-  """Rows of `x [n, d]` scaled to unit L2 norm; zero rows stay zero with a finite gradient."""
-  sq = (x * x).sum(axis=1, keepdims=True)
-  pos = sq > 0
-  return x * jnp.where(pos, jax.lax.rsqrt(jnp.where(pos, sq, 1.0)), 0.0)
-
-
 def features(backbone, backbone_params: Params, images: jax.Array, spec: StepSpec) -> jax.Array:
   """Images `[n, h, w, 3]` pixels in [0, 255] -> normalised tap features `[n, d]`."""
   _, taps = backbone.apply(backbone_params, backbone.preprocess(images))
@@ -149,7 +134,7 @@ def features(backbone, backbone_params: Params, images: jax.Array, spec: StepSpe
     raise ValueError(
       f"tap {spec.tap!r} has shape {x.shape}; fine-tuning reads a pooled [n, d] tap such as pre_logits"
     )
-  return _unit_vector(x) if spec.normalization == "unit_vector" else x
+  return normalize.unit_vector(x) if spec.normalization == "unit_vector" else x
 
 
 @functools.partial(jax.jit, static_argnames=("backbone", "spec"), donate_argnums=(0, 1))
@@ -176,17 +161,16 @@ def _train_step(
   device; `batch [b]` indexes this step's examples.
   """
 
+  head_spec = probe.TrainSpec(num_classes=1, group_r=spec.group_r, group_p=spec.group_p)
+
   def loss_fn(tr):
     params = _unflat({**frozen, **tr["backbone"]})
     x = features(backbone, params, images[batch], spec)
-    ce = optax.softmax_cross_entropy_with_integer_labels(probe.logits_fn(tr["head"], x), labels[batch]).mean()
-    w = tr["head"]["w"]
-    reg = hp.l1 * jnp.abs(w).sum() + hp.l2 * (w**2).sum()
-    return ce + reg + hp.group_coef * probe.group_lasso(w, spec.group_r, spec.group_p)
+    return probe.loss(tr["head"], hp, x, labels[batch], head_spec)
 
   loss, grads = jax.value_and_grad(loss_fn)(trainable)
   updates, opt_state = _optimizer(spec).update(grads, opt_state, trainable)
-  lr = _learning_rate(step, hp.learning_rate, total_steps, spec)
+  lr = probe.cosine_schedule(step, hp.learning_rate, total_steps, spec.use_cosine_decay)
   trainable = jax.tree_util.tree_map(lambda p, u: p - lr * u, trainable, updates)
   return trainable, opt_state, loss
 

@@ -10,14 +10,22 @@ A string keeps the sweep overridable from the command line (a locked
 ConfigDict cannot gain keys there). Each value is parsed as a Python literal
 and must have the type of the field it replaces. The grid is the Cartesian
 product, in the order written (the last item varies fastest).
+
+`plan` is the one place where grid points are grouped: by the features they
+need (every field of `h2t.config.FEATURE_FIELDS`: backbone, checkpoint,
+input size, taps, pooling), the task they select on (`fs_dataset`) and the
+shape of their compiled program (`program_key`); identical learning configs
+run once. `group_by` is the grouping primitive every caller uses.
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import itertools
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import ml_collections
@@ -101,9 +109,106 @@ def points(config: ml_collections.ConfigDict) -> list[tuple[dict[str, Any], ml_c
   return out
 
 
-def group_by(points_: Sequence[tuple[dict[str, Any], Any]], key) -> dict[Any, list[int]]:
-  """Indices of points grouped by `key(config)`, in first-seen order."""
+def group_by(items: Sequence[Any], key: Callable[[Any], Hashable]) -> dict[Any, list[int]]:
+  """Indices of `items` grouped by `key(item)`, groups and members in first-seen order."""
   groups: dict[Any, list[int]] = {}
-  for i, (_, cfg) in enumerate(points_):
-    groups.setdefault(key(cfg), []).append(i)
+  for i, item in enumerate(items):
+    groups.setdefault(key(item), []).append(i)
   return groups
+
+
+def _json(d: Any) -> str:
+  return json.dumps(d, sort_keys=True, default=str)
+
+
+def program_key(learning: ml_collections.ConfigDict) -> str:
+  """What must be equal for grid points to share one compiled program.
+
+  Everything except the traced values: learning rate, L1/L2/group
+  coefficients, keep fraction and offset.
+  """
+  traced = {"learning_rate", "l1_regularizer", "l2_regularizer", "group_lrp_regularizer_coef"}
+  d = {k: v for k, v in learning.to_dict().items() if k not in traced}
+  fs = dict(d.pop("feature_selection"))
+  fs.pop("keep_fraction")
+  fs.pop("keep_fraction_offset")
+  overwrite = {k: v for k, v in fs.pop("learning_config_overwrite").items() if k not in traced}
+  return _json([d, fs, overwrite])
+
+
+BACKBONE_FIELDS = ("backbone.name", "backbone.checkpoint", "backbone.input_size")
+
+
+def backbone_key(config: ml_collections.ConfigDict) -> tuple[str, str, int]:
+  """The network a point runs: (name, checkpoint, input size)."""
+  b = config.backbone
+  return (b.name, b.checkpoint, int(b.input_size))
+
+
+def feature_key(config: ml_collections.ConfigDict, *, pooled: bool = True) -> str:
+  """Every setting that changes a point's features (`h2t.config.FEATURE_FIELDS`).
+
+  `pooled=False` keeps only the network (for 2-D taps such as `pre_logits`,
+  which pooling does not change).
+  """
+  from h2t import config as config_lib
+
+  fields = config_lib.FEATURE_FIELDS if pooled else BACKBONE_FIELDS
+  return _json({f: config_lib.get(config, f, "") for f in fields})
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """Grid points of one method that run as one `head2toe.cross_validate` call.
+
+  Attributes:
+    method: the method's name.
+    features: the `feature_key` of every point.
+    source: the task selection runs on (`fs_dataset`; '' = the task itself).
+    runs: groups of points whose learning configs are identical; the first
+      point of each group is trained, the others share its accuracies.
+  """
+
+  method: str
+  features: str
+  source: str
+  runs: tuple[tuple[int, ...], ...]
+
+  @property
+  def points(self) -> tuple[int, ...]:
+    return tuple(i for run in self.runs for i in run)
+
+
+def plan(grid_points: Sequence[tuple[dict[str, Any], ml_collections.ConfigDict]], methods) -> list[Batch]:
+  """Every (method, batch of grid points) the CV runs, in order.
+
+  Args:
+    grid_points: `points(config)`.
+    methods: `h2t.methods.Method` records of the searched methods.
+  """
+  out = []
+  for method in methods:
+    learnings = [method.learning(cfg.learning) for _, cfg in grid_points]
+
+    def key(i, method=method, learnings=learnings):
+      cfg = grid_points[i][1]
+      source = cfg.learning.feature_selection.get("fs_dataset", "") if method.selects else ""
+      return (feature_key(cfg, pooled=method.pooled), source, program_key(learnings[i]))
+
+    for (features, source, _), members in group_by(range(len(grid_points)), key).items():
+      same = group_by(members, lambda i, learnings=learnings: _json(learnings[i].to_dict()))
+      runs = tuple(tuple(members[j] for j in idx) for idx in same.values())
+      out.append(Batch(method.name, features, source, runs))
+  return out
+
+
+def describe(batches: Sequence[Batch], grid_points) -> list[str]:
+  """One line per batch: what the log prints once before the CV."""
+  lines = []
+  for b in batches:
+    first = grid_points[b.runs[0][0]][0]
+    lines.append(
+      f"{b.method}: {len(b.runs)} distinct point(s) of {len(b.points)} in one program "
+      f"(first {first or 'the config itself'})" + (f", selecting on {b.source}" if b.source else "")
+    )
+  return lines

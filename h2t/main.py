@@ -1,7 +1,9 @@
 """Runs Head2Toe on one task: `python -m h2t.main --config=configs/vtab.py --workdir=DIR`.
 
 Overrides follow ml_collections: `--config.dataset=fashion_mnist`,
-`--config.learning.feature_selection.keep_fraction=0.05`.
+`--config.learning.feature_selection.keep_fraction=0.05`. A field given on
+the command line wins over `config.sweep`, which then drops that field.
+Every failure ends in one `error:` line; its traceback goes to WORKDIR/log.txt.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ flags.DEFINE_bool(
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/vtab.py).", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
+_TRACE = py_logging.getLogger("h2t.trace")  # tracebacks: log.txt only, never the terminal
+_TRACE.propagate = False
+
 
 def _hide_gpus_from_tensorflow() -> None:
   # TensorFlow only reads data; it must leave the accelerators to JAX.
@@ -39,11 +44,27 @@ def _log_to_file(workdir: str) -> None:
   handler = py_logging.FileHandler(os.path.join(workdir, "log.txt"))
   handler.setFormatter(py_logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   logging.get_absl_logger().addHandler(handler)
+  _TRACE.addHandler(handler)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from h2t import config as config_lib
+
+  config, workdir = FLAGS.config, FLAGS.workdir
+  try:
+    dropped = config_lib.resolve_cli_overrides(config, config_lib.cli_keys(sys.argv[1:]))
+    config_lib.validate(config)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    sys.exit(f"error: cannot create --workdir={workdir}: {e.strerror or e}; choose a writable folder")
+  _log_to_file(workdir)
+  for path in dropped:
+    logging.info("config.%s was given on the command line: the sweep no longer varies it", path)
   _hide_gpus_from_tensorflow()
   import jax
 
@@ -53,24 +74,22 @@ def main(argv):
 
   from h2t import evaluate
 
-  config = FLAGS.config
-  workdir = FLAGS.workdir
-  try:
-    evaluate.validate(config)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  os.makedirs(workdir, exist_ok=True)
-  _log_to_file(workdir)
   logging.info("JAX devices: %s", jax.devices())
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(
-    {k: v for k, v in _flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
+    {k: v for k, v in config_lib.flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
   )
   try:
     results = evaluate.run(config, workdir, writer=writer)
-  except (ValueError, FileNotFoundError) as e:
-    logging.exception("run failed")
-    sys.exit(f"error: {e}")
+  except Exception as e:  # noqa: BLE001 -- every failure becomes one line; the traceback goes to log.txt
+    _TRACE.exception("run failed")
+    logging.error("run failed: %s", e)
+    kind = (
+      ""
+      if isinstance(e, (ValueError, OSError, FloatingPointError, RuntimeError))
+      else f"{type(e).__name__}: "
+    )
+    sys.exit(f"error: {kind}{e} (details: {os.path.join(workdir, 'log.txt')})")
   finally:
     writer.close()
   print("\n".join(evaluate.summary_lines(results)))
@@ -90,52 +109,27 @@ def _load_config_file(spec: str):
 
 def _explain_bad_override(argv: list[str]) -> str | None:
   """Names the first `--config.KEY=...` whose KEY the config lacks, with the valid keys."""
-  import difflib
+  from h2t import config as config_lib
 
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is None:
     return None
   try:
-    flat = _flat(_load_config_file(spec).to_dict())
+    known = config_lib.flat(_load_config_file(spec).to_dict())
   except Exception:  # noqa: BLE001 -- the original error is shown instead.
     return None
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    key = arg[len("--config.") :].split("=", 1)[0]
-    if key in flat:
-      continue
-    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    siblings = sorted({k[len(parent) :].split(".")[0] for k in flat if k.startswith(parent)})
-    close = difflib.get_close_matches(key, list(flat), n=3, cutoff=0.5)
-    close += [k for k in flat if k.endswith("." + key.rsplit(".", 1)[-1]) and k not in close]
-    msg = f"unknown config key {key!r}"
-    if siblings:
-      msg += f"; the keys under {parent.rstrip('.') or 'config'!r} are: {', '.join(siblings)}"
-    if close:
-      msg += f". Did you mean {' or '.join(repr(c) for c in close)}?"
-    return msg
-  return None
+  unknown = [k for k in config_lib.cli_keys(argv) if k not in known]
+  return config_lib.explain_unknown_key(unknown[0], known) if unknown else None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with a clear message for an unknown `--config.KEY`."""
+  """absl flag parsing, with a clear message for an unknown `--config.KEY` or a bad value."""
   try:
     return FLAGS(argv)
   except (AttributeError, KeyError) as e:
     sys.exit(f"error: {_explain_bad_override(argv) or e}")
   except flags.Error as e:
     sys.exit(f"error: {e}\n\n{FLAGS.main_module_help()}")
-
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m h2t.predict --head=workdir/digits/head_head2toe.npz photo.png more_photos/
     python -m h2t.predict --head=head.npz --output=preds.csv --checkpoint=/path/to/vit.npz imgs/
 
-A head file (`h2t.head2toe.Head.save`) holds the kept feature indices, the
+A head file (`h2t.head.Head.save`) holds the kept feature indices, the
 weights, the normalisation and the backbone's name, checkpoint id, input size
 and pooling settings. The backbone is rebuilt from those (`--checkpoint` gives
 its weights file when the backbone has no packaged default) and must have the
@@ -21,6 +21,7 @@ From Python, on arrays:
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -28,130 +29,16 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from h2t import backbones, features
-from h2t.head2toe import Head
-
-BATCH_SIZE = 64  # config.backbone.batch_size's default: batches pad to it, as in the run.
-
-
-def backbone_for(head: Head, checkpoint: str | None = None) -> backbones.Backbone:
-  """Rebuilds the backbone a head was trained on, and checks it is the same network.
-
-  Args:
-    head: a loaded head.
-    checkpoint: the backbone's weights file; None uses its packaged default.
-
-  Raises:
-    ValueError: the head's meta lacks the backbone, or the weights differ from
-      those the head was trained on.
-  """
-  meta = _require_meta(head)
-  backbone = backbones.create(meta["backbone"], checkpoint, input_size=int(meta["input_size"]))
-  check_backbone(head, backbone)
-  return backbone
-
-
-# What a head must record to be used again (h2t.evaluate writes all of them).
-REQUIRED_META = ("backbone", "checkpoint_id", "input_size", "target_size", "pool_size", "cls_token_pool")
-
-
-def _require_meta(head: Head) -> dict:
-  missing = [k for k in REQUIRED_META if k not in head.meta]
-  if missing:
-    raise ValueError(
-      f"the head's meta lacks {', '.join(missing)}: it was not saved by a run (h2t.evaluate), "
-      "so its backbone and pooling are unknown"
-    )
-  return head.meta
-
-
-def check_backbone(head: Head, backbone: backbones.Backbone) -> None:
-  """Raises ValueError unless `backbone` is the network (name, weights, input size) of `head`."""
-  meta = _require_meta(head)
-  wanted = (meta.get("backbone"), meta.get("checkpoint_id"), int(meta.get("input_size", 0)))
-  got = (backbone.name, backbone.checkpoint_id, backbone.input_size)
-  if wanted != got:
-    raise ValueError(
-      f"the head was trained on backbone {wanted[0]!r} with checkpoint {wanted[1]!r} at {wanted[2]} px, "
-      f"but the backbone is {got[0]!r} with checkpoint {got[1]!r} at {got[2]} px; "
-      "pass the checkpoint file the head was trained with (--checkpoint=PATH)"
-    )
-
-
-def parameter_bytes(tree) -> int:
-  """Bytes of all arrays in a parameter tree (what storing the network costs)."""
-  import jax
-
-  return int(sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(tree)))
-
-
-def _as_batch(images, size: int) -> np.ndarray:
-  """A list of images of any sizes, or an array, -> one `[n, h, w, c]` array."""
-  if isinstance(images, np.ndarray):
-    return images
-  images = [np.asarray(im) for im in images]
-  if not images:
-    return np.zeros((0, size, size, 3), np.uint8)
-  if len({im.shape for im in images}) == 1:
-    return np.stack(images)
-  # Mixed sizes: resize each alone to the input size, exactly as the backbone would.
-  import jax
-  import jax.numpy as jnp
-
-  out = []
-  for im in images:
-    x = jnp.asarray(im, jnp.float32)
-    x = x[..., None] if x.ndim == 2 else x
-    x = jnp.broadcast_to(x, x.shape[:2] + (3,)) if x.shape[-1] == 1 else x
-    out.append(np.asarray(jax.image.resize(x, (size, size, 3), method="linear", antialias=False)))
-  return np.stack(out)
-
-
-def predict_images(
-  head: Head,
-  images,
-  backbone: backbones.Backbone | None = None,
-  *,
-  batch_size: int = BATCH_SIZE,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Classifies images with a trained head.
-
-  Args:
-    head: a trained `Head` (its meta names the backbone and pooling).
-    images: `[n, h, w, 3]` (or grey `[n, h, w]`) pixels in [0, 255], any
-      numeric dtype, or a list of such images of any sizes. They are resized
-      bilinearly to the backbone's input size, as in training.
-    backbone: the head's backbone; None builds it from the head's meta (pass
-      one when calling repeatedly: building takes a second or two).
-    batch_size: images per forward pass.
-
-  Returns:
-    `(labels [n] int32, probs [n, num_classes] float32)`: the most probable
-    class and the softmax probabilities.
-  """
-  if backbone is None:
-    backbone = backbone_for(head)
-  else:
-    check_backbone(head, backbone)
-  meta = head.meta
-  x = _as_batch(images, backbone.input_size)
-  num_classes = int(head.params["b"].shape[-1])
-  if len(x) == 0:
-    return np.zeros((0,), np.int32), np.zeros((0, num_classes), np.float32)
-  feats = features.extract(
-    backbone,
-    x,
-    taps=list(head.taps),
-    target_size=int(meta["target_size"]),
-    batch_size=batch_size,
-    cls_token_pool=meta["cls_token_pool"],
-    pool_size=int(meta["pool_size"]),
-  )
-  logits = head.predict(feats).astype(np.float64)
-  logits -= logits.max(axis=1, keepdims=True)
-  probs = np.exp(logits)
-  probs /= probs.sum(axis=1, keepdims=True)
-  return logits.argmax(axis=1).astype(np.int32), probs.astype(np.float32)
+from h2t import backbones, files
+from h2t.head import (  # noqa: F401 -- re-exported: h2t.predict.predict_images etc.
+  BATCH_SIZE,
+  Head,
+  HeadFileError,
+  backbone_for,
+  check_backbone,
+  parameter_bytes,
+  predict_images,
+)
 
 
 def image_paths(inputs: Sequence[str]) -> list[str]:
@@ -210,23 +97,27 @@ def main(argv: Sequence[str]) -> None:
       "name at least one image file or folder: python -m h2t.predict --head=HEAD IMAGES..."
     )
   try:
+    if FLAGS.output:
+      _check_writable(FLAGS.output)
     head = Head.load(FLAGS.head)
     paths = image_paths(argv[1:])
     backbone = backbone_for(head, FLAGS.checkpoint)
     labels, probs = predict_files(head, paths, backbone)
   except (OSError, ValueError) as e:
     sys.exit(f"error: {e}")
-  names = head.meta.get("class_names")
+  names = head.meta.class_names
   header = ["path", "label", "probability"] + (["class_name"] if names else [])
   rows = [
     [p, int(y), f"{float(pr[y]):.6f}"] + ([names[y]] if names else [])
     for p, y, pr in zip(paths, labels, probs, strict=True)
   ]
   if FLAGS.output:
-    tmp = FLAGS.output + ".tmp"
-    with open(tmp, "w", newline="") as f:
-      csv.writer(f).writerows([header] + rows)
-    os.replace(tmp, FLAGS.output)
+    text = io.StringIO()
+    csv.writer(text).writerows([header] + rows)
+    try:
+      files.atomic_write(FLAGS.output, lambda f: f.write(text.getvalue().encode()))
+    except OSError as e:
+      sys.exit(f"error: cannot write --output={FLAGS.output}: {e.strerror or e}")
     head_bytes, backbone_bytes = os.path.getsize(FLAGS.head), parameter_bytes(backbone.params)
     print(
       f"{len(rows)} predictions: {FLAGS.output}. The head file is {head_bytes / 1e3:.0f} kB, "
@@ -234,6 +125,17 @@ def main(argv: Sequence[str]) -> None:
     )
   else:
     csv.writer(sys.stdout, lineterminator="\n").writerows([header] + rows)
+
+
+def _check_writable(path: str) -> None:
+  """Fails before any prediction if `--output` cannot be written."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ValueError(f"--output={path} is a folder; name a CSV file")
+  if not os.path.isdir(folder):
+    raise ValueError(f"--output={path}: the folder {folder} does not exist; create it first")
+  if not os.access(folder, os.W_OK):
+    raise ValueError(f"--output={path}: the folder {folder} is not writable")
 
 
 if __name__ == "__main__":

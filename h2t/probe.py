@@ -1,6 +1,7 @@
-"""Linear probes on fixed features: the head, its penalties, and the trainer.
+"""Linear probes on fixed features: the head, its loss and penalties, and the one trainer.
 
-The whole training run is one `jax.lax.scan` under `jax.jit`: a step gathers
+Every head h2t trains on fixed features goes through `train_heads`: a whole
+training run is one `jax.lax.scan` under `jax.jit`, H heads at once: a step gathers
 its minibatch from the device-resident features, computes the softmax
 cross-entropy plus the penalty, and applies an optax update. Hyperparameters
 that do not change shapes (`HParams`) are traced values, so one compiled
@@ -121,6 +122,36 @@ def parse_output_head_type(value: str, num_classes: int) -> tuple[int, bool]:
   )
 
 
+def spec_from_learning(learning, num_classes: int) -> TrainSpec:
+  """The static trainer settings of a `config.learning`."""
+  hidden_units, hidden_trainable = parse_output_head_type(
+    learning.get("output_head_type", "nohidden"), num_classes
+  )
+  return TrainSpec(
+    num_classes=num_classes,
+    training_steps=int(learning.training_steps),
+    batch_size=int(learning.train_batch_size),
+    optimizer=learning.optimizer,
+    use_cosine_decay=bool(learning.use_cosine_decay),
+    grad_clip_value=float(learning.grad_clip_value),
+    group_r=norm_order(learning.group_lrp_regularizer_r),
+    group_p=norm_order(learning.group_lrp_regularizer_p),
+    zero_init=bool(learning.output_head_zeroinit),
+    hidden_units=hidden_units,
+    hidden_trainable=hidden_trainable,
+  )
+
+
+def hparams_from_learning(learning) -> HParams:
+  """The traced hyperparameters of a `config.learning`."""
+  return HParams(
+    learning_rate=float(learning.learning_rate),
+    l1=float(learning.l1_regularizer),
+    l2=float(learning.l2_regularizer),
+    group_coef=float(learning.group_lrp_regularizer_coef),
+  )
+
+
 def first_kernel_name(params: Params) -> str:
   """The kernel whose rows belong to the input features: 'hidden_w' or 'w'."""
   return "hidden_w" if "hidden_w" in params else "w"
@@ -237,12 +268,17 @@ def batch_indices(key: jax.Array, n: int, steps: int, batch_size: int) -> jax.Ar
   return perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
 
 
+def cosine_schedule(step: jax.Array, base_lr: jax.Array, total: jax.Array | int, cosine: bool) -> jax.Array:
+  """The learning rate at `step` (0-based): `base_lr`, or Keras' CosineDecay(base_lr, total) to 0."""
+  if not cosine:
+    return jnp.asarray(base_lr, jnp.float32)
+  frac = jnp.minimum(step, total) / total
+  return base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+
 def learning_rate_at(step: jax.Array, hp: HParams, spec: TrainSpec) -> jax.Array:
-  """The learning rate of `step` (0-based): constant or cosine-decayed to 0."""
-  if not spec.use_cosine_decay:
-    return jnp.asarray(hp.learning_rate, jnp.float32)
-  frac = jnp.minimum(step, spec.training_steps) / spec.training_steps
-  return hp.learning_rate * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+  """The learning rate of `step` (0-based) of a probe: constant or cosine-decayed to 0."""
+  return cosine_schedule(step, hp.learning_rate, spec.training_steps, spec.use_cosine_decay)
 
 
 def update_direction(optimizer: str, grad_clip_value: float) -> optax.GradientTransformation:
@@ -265,6 +301,64 @@ def _direction(spec: TrainSpec) -> optax.GradientTransformation:
   return update_direction(spec.optimizer, spec.grad_clip_value)
 
 
+def loss(
+  params: Params, hp: HParams, xb: jax.Array, yb: jax.Array, spec: TrainSpec, groups=None, num_groups=0
+):
+  """Mean softmax cross-entropy of `xb [b, dim]` against `yb [b]` plus the kernel penalties."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(params, xb), yb).mean()
+  return ce + penalty(params, hp, spec, groups, num_groups)
+
+
+def train_heads(
+  params: Params,
+  hp: HParams,
+  batches: jax.Array,
+  x_fn,
+  y: jax.Array,
+  spec: TrainSpec,
+  groups: jax.Array | None = None,
+  num_groups: int = 0,
+) -> tuple[Params, jax.Array]:
+  """The trainer: `H` heads (leading axis of `params` and `hp`) on shared minibatches.
+
+  Args:
+    params: initial heads, leaves `[H, ...]`.
+    hp: hyperparameters, leaves `[H]`.
+    batches: `[steps, batch]` example indices, one row per step.
+    x_fn: `batch indices -> [batch, dim]` features shared by every head, or
+      `[H, batch, dim]` (each head its own features).
+    y: labels indexed by `batches`.
+    spec: static settings; a 'random_N' hidden layer stays frozen.
+    groups, num_groups: feature groups of the first kernel's penalty.
+
+  Returns:
+    `(params, losses [H, steps])`.
+  """
+  tx = _direction(spec)
+  params, frozen = split_frozen(params, spec)
+
+  def head_loss(p, fz, h, xb, yb):
+    return loss({**p, **fz}, h, xb, yb, spec, groups, num_groups)
+
+  def step(carry, inputs):
+    p, opt_state = carry
+    i, b = inputs
+    xb = x_fn(b)
+    x_axis = 0 if xb.ndim == 3 else None
+    value, grads = jax.vmap(jax.value_and_grad(head_loss), in_axes=(0, 0, 0, x_axis, None))(
+      p, frozen, hp, xb, y[b]
+    )
+    updates, opt_state = jax.vmap(tx.update)(grads, opt_state, p)
+    lr = jax.vmap(lambda h: learning_rate_at(i, h, spec))(hp)
+    p = jax.tree_util.tree_map(lambda v, u: v - lr.reshape((-1,) + (1,) * (v.ndim - 1)) * u, p, updates)
+    return (p, opt_state), value
+
+  opt_state = jax.vmap(tx.init)(params)
+  steps = jnp.arange(spec.training_steps)
+  (params, _), losses = jax.lax.scan(step, (params, opt_state), (steps, batches))
+  return {**params, **frozen}, losses.T
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "num_groups"))
 def train(
   x: jax.Array,
@@ -276,42 +370,17 @@ def train(
   groups: jax.Array | None = None,
   num_groups: int = 0,
 ) -> tuple[Params, jax.Array]:
-  """Trains a linear head on fixed features.
+  """One head on fixed features `x [n, dim]`, labels `y [n]`: `train_heads` with H = 1.
 
-  Args:
-    x: `[n, dim]` features.
-    y: `[n]` int labels in [0, spec.num_classes).
-    hp: learning rate and penalty coefficients.
-    key: PRNG key (initialisation and minibatch order).
-    spec: static settings.
-    groups: `[dim]` group id per feature for a grouped penalty, or None.
-    num_groups: number of groups.
-
-  Returns:
-    `(params, losses [training_steps])`: the trained head and each step's
-    minibatch loss (cross-entropy + penalty).
+  The head starts from `init_head(split(key)[0])`; minibatches come from
+  `split(key)[1]`. Returns `(params, losses [training_steps])`.
   """
   k_init, k_data = jax.random.split(key)
-  params, frozen = split_frozen(init_head(k_init, x.shape[1], spec), spec)
-  idx = batch_indices(k_data, x.shape[0], spec.training_steps, spec.batch_size)
-  tx = _direction(spec)
-
-  def loss_fn(p, xb, yb):
-    full = {**p, **frozen}
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(full, xb), yb).mean()
-    return ce + penalty(full, hp, spec, groups, num_groups)
-
-  def step(carry, inputs):
-    p, opt_state = carry
-    i, b = inputs
-    loss, grads = jax.value_and_grad(loss_fn)(p, x[b], y[b])
-    updates, opt_state = tx.update(grads, opt_state, p)
-    lr = learning_rate_at(i, hp, spec)
-    p = jax.tree_util.tree_map(lambda v, u: v - lr * u, p, updates)
-    return (p, opt_state), loss
-
-  (params, _), losses = jax.lax.scan(step, (params, tx.init(params)), (jnp.arange(spec.training_steps), idx))
-  return {**params, **frozen}, losses
+  params = jax.tree_util.tree_map(lambda v: v[None], init_head(k_init, x.shape[1], spec))
+  hp1 = HParams(*[jnp.asarray(v, jnp.float32).reshape(1) for v in hp])
+  batches = batch_indices(k_data, x.shape[0], spec.training_steps, spec.batch_size)
+  params, losses = train_heads(params, hp1, batches, lambda b: x[b], y, spec, groups, num_groups)
+  return jax.tree_util.tree_map(lambda v: v[0], params), losses[0]
 
 
 @jax.jit
@@ -325,17 +394,6 @@ def accuracy(params: Params, x: np.ndarray, y: np.ndarray) -> float:
   return float((np.asarray(predict(params, x)).argmax(-1) == np.asarray(y)).mean())
 
 
-# ---------------------------------------------------------------------------
-# The grid: many heads in one program.
-#
-# A fold is a set of training indices into the cached features `x [n, D]`.
-# Every head of a fold sees the same minibatches (same key), so a step gathers
-# its minibatch once and all the fold's heads use it. Hyperparameters are
-# traced `[H]` vectors, so one compiled program serves a whole grid. The
-# initial kernel is drawn row by row (`row_glorot`), so a head's start does
-# not depend on how many heads share the program.
-
-
 def row_glorot(key: jax.Array, rows: int, num_classes: int, fan_in: jax.Array | int) -> jax.Array:
   """Glorot-uniform `[rows, num_classes]` (the layer's width), row `i` drawn from `fold_in(key, i)`.
 
@@ -347,248 +405,3 @@ def row_glorot(key: jax.Array, rows: int, num_classes: int, fan_in: jax.Array | 
     lambda i: jax.random.uniform(jax.random.fold_in(key, i), (num_classes,), minval=-1.0, maxval=1.0)
   )(jnp.arange(rows))
   return u * limit
-
-
-def _fold_batches(key: jax.Array, train_idx: jax.Array, spec: TrainSpec) -> jax.Array:
-  """`[steps, batch]` indices into the features for one fold."""
-  local = batch_indices(key, train_idx.shape[0], spec.training_steps, spec.batch_size)
-  return train_idx[local]
-
-
-def _train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups):
-  """Trains `H` heads (leading axis of params / hp) on shared minibatches."""
-  tx = _direction(spec)
-  params, frozen = split_frozen(params, spec)
-
-  def loss_fn(p, fz, h, xb, yb):
-    full = {**p, **fz}
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_fn(full, xb), yb).mean()
-    return ce + penalty(full, h, spec, groups, num_groups)
-
-  def step(carry, inputs):
-    p, opt_state = carry
-    i, b = inputs
-    xb = x_fn(b)  # [H, batch, k] or [batch, D] shared by every head
-    x_axis = 0 if xb.ndim == 3 else None
-    loss, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(0, 0, 0, x_axis, None))(
-      p, frozen, hp, xb, y[b]
-    )
-    updates, opt_state = jax.vmap(tx.update)(grads, opt_state, p)
-    lr = jax.vmap(lambda h: learning_rate_at(i, h, spec))(hp)
-    p = jax.tree_util.tree_map(lambda v, u: v - lr.reshape((-1,) + (1,) * (v.ndim - 1)) * u, p, updates)
-    return (p, opt_state), loss
-
-  opt_state = jax.vmap(tx.init)(params)
-  steps = jnp.arange(spec.training_steps)
-  (params, _), losses = jax.lax.scan(step, (params, opt_state), (steps, batches))
-  return {**params, **frozen}, losses.T
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "num_groups", "per_feature"))
-def train_all_features(
-  x: jax.Array,
-  y: jax.Array,
-  train_idx: jax.Array,
-  hp: HParams,
-  key: jax.Array,
-  *,
-  spec: TrainSpec,
-  groups: jax.Array | None = None,
-  num_groups: int = 0,
-  per_feature: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-  """Stage 1 for a grid: `H` heads on all features of one fold.
-
-  Args:
-    x: `[n, D]` features, already normalised per tap (or raw, with
-      `per_feature`: then standardised with the fold's training statistics).
-    y: `[n]` labels.
-    train_idx: `[m]` the fold's training indices.
-    hp: hyperparameters with leaves `[H]`.
-    key: the fold's key (same for every head).
-
-  Returns:
-    `(w [H, D, width], losses [H, steps])`: the first kernel of each head
-    (width = classes, or the hidden units), whose rows score the features.
-  """
-  num_heads = jnp.shape(hp.learning_rate)[0]
-  k_init, k_data = jax.random.split(key)
-  dim, width = x.shape[1], spec.first_width
-  w0 = jnp.zeros((dim, width)) if spec.zero_init else row_glorot(k_init, dim, width, dim)
-  one = assemble(w0, jnp.zeros((width,)), output_layer(jax.random.fold_in(k_init, OUTPUT_LAYER_KEY), spec))
-  params = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (num_heads,) + v.shape), one)
-  batches = _fold_batches(k_data, train_idx, spec)
-  if per_feature:
-    xt = x[train_idx]
-    mean, scale = xt.mean(axis=0), jax.lax.rsqrt(xt.var(axis=0) + 1e-5)
-
-    def x_fn(b):
-      return (x[b] - mean) * scale
-  else:
-
-    def x_fn(b):
-      return x[b]
-
-  params, losses = _train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups)
-  return params[first_kernel_name(params)], losses
-
-
-def select_top(
-  scores: jax.Array, num_kept: jax.Array, offset: jax.Array, max_kept: int
-) -> tuple[jax.Array, jax.Array]:
-  """Kept feature indices of one head, padded to `max_kept`.
-
-  The `num_kept` best features after skipping the `offset` best, as the
-  reference; ties go to the lower index. Returned in increasing index order
-  (so tap by tap, network order), padding (index D, mask 0) last.
-
-  Returns:
-    `(idx [max_kept] int32, mask [max_kept] float32)`.
-  """
-  dim = scores.shape[0]
-  order = jnp.argsort(-scores, stable=True)
-  pos = jnp.arange(max_kept)
-  valid = pos < num_kept
-  idx = jnp.where(valid, order[jnp.minimum(pos + offset, dim - 1)], dim)
-  idx = jnp.sort(idx)
-  return idx.astype(jnp.int32), (idx < dim).astype(jnp.float32)
-
-
-def transform_kept(
-  xb: jax.Array, idx: jax.Array, mask: jax.Array, tap_of: jax.Array, num_taps: int, mode: str, stats=None
-) -> jax.Array:
-  """Kept features of `xb [b, D]` for one head, renormalised: `[b, K]`.
-
-  'unit_vector' rescales each tap's kept features to unit L2 norm (zero stays
-  zero), as the reference does after selection; 'per_feature' standardises
-  with the training statistics `stats = (mean [D], var [D])`.
-  """
-  safe = jnp.minimum(idx, xb.shape[1] - 1)
-  xk = xb[:, safe] * mask
-  if mode == "unit_vector":
-    taps = tap_of[safe]
-    # Kept indices are sorted, so each tap's features are one contiguous run.
-    sq = jax.ops.segment_sum((xk * xk).T, taps, num_taps, indices_are_sorted=True).T  # [b, T]
-    norms = jnp.sqrt(sq)[:, taps]
-    xk = jnp.where(norms > 0, xk / jnp.where(norms > 0, norms, 1.0), 0.0)
-  elif mode == "per_feature":
-    mean, var = stats
-    xk = (xk - mean[safe]) / jnp.sqrt(var[safe] + 1e-5) * mask
-  return xk
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "num_taps", "mode"))
-def train_kept_features(
-  x: jax.Array,
-  y: jax.Array,
-  train_idx: jax.Array,
-  kept_idx: jax.Array,
-  kept_mask: jax.Array,
-  tap_of: jax.Array,
-  hp: HParams,
-  key: jax.Array,
-  *,
-  spec: TrainSpec,
-  num_taps: int,
-  mode: str,
-) -> tuple[Params, jax.Array]:
-  """Stage 2 for a grid: `H` fresh heads, each on its own kept features.
-
-  Args:
-    x: `[n, D]` raw (unnormalised) features.
-    y: `[n]` labels.
-    train_idx: `[m]` the fold's training indices.
-    kept_idx, kept_mask: `[H, K]` from `select_top`.
-    tap_of: `[D]` tap id of each feature.
-    hp: hyperparameters with leaves `[H]`.
-    key: the fold's key.
-
-  Returns:
-    `(params {'w': [H, K, classes], 'b': [H, classes]}, losses [H, steps])`;
-    padded rows of `w` are zero. With a hidden layer the padded kernel is
-    `hidden_w [H, K, hidden]` and `w` is `[H, hidden, classes]`.
-  """
-  k_init, k_data = jax.random.split(key)
-  num_kept = kept_mask.sum(axis=1)
-  num_heads, max_kept = kept_idx.shape
-  width = spec.first_width
-  if spec.zero_init:
-    w = jnp.zeros((num_heads, max_kept, width))
-  else:
-    w = jax.vmap(lambda k: row_glorot(k_init, max_kept, width, k))(num_kept)
-  rest = output_layer(jax.random.fold_in(k_init, OUTPUT_LAYER_KEY), spec)
-  rest = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (num_heads,) + v.shape), rest)
-  params = assemble(w * kept_mask[:, :, None], jnp.zeros((num_heads, width)), rest)
-  xt = x[train_idx]
-  stats = (xt.mean(axis=0), xt.var(axis=0)) if mode == "per_feature" else None
-  # Each head's kept, renormalised features of the fold's training set,
-  # [H, m, K], built once: a step then reads contiguous rows instead of
-  # gathering scattered columns (measured ~20x faster on the CPU).
-  xh = jax.vmap(transform_kept, in_axes=(None, 0, 0, None, None, None, None))(
-    xt, kept_idx, kept_mask, tap_of, num_taps, mode, stats
-  )
-  local = batch_indices(k_data, train_idx.shape[0], spec.training_steps, spec.batch_size)
-  params, losses = _train_heads(params, hp, local, lambda b: xh[:, b, :], y[train_idx], spec, None, 0)
-  return params, losses
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "num_taps", "mode"))
-def train_kept_features_folds(
-  x: jax.Array,
-  y: jax.Array,
-  train_idx: jax.Array,
-  kept_idx: jax.Array,
-  kept_mask: jax.Array,
-  tap_of: jax.Array,
-  hp: HParams,
-  keys: jax.Array,
-  *,
-  spec: TrainSpec,
-  num_taps: int,
-  mode: str,
-) -> tuple[Params, jax.Array]:
-  """`train_kept_features` for every fold (leading axis F of the fold arguments).
-
-  Folds run one after another inside the one program (`lax.map`), so the
-  `[H, m, K]` kept-feature array exists for one fold at a time: vmapping the
-  folds held `[F, H, m, K]` (3.3 GB for 24 points x 5 folds on digits) and was
-  no faster on the CPU (experiments/results/bench_grid_cpu.txt).
-  """
-
-  def one(args):
-    tr, ki, km, key = args
-    return train_kept_features(x, y, tr, ki, km, tap_of, hp, key, spec=spec, num_taps=num_taps, mode=mode)
-
-  return jax.lax.map(one, (train_idx, kept_idx, kept_mask, keys))
-
-
-@functools.partial(jax.jit, static_argnames=("num_taps", "mode"))
-def kept_accuracy(
-  x: jax.Array,
-  y: jax.Array,
-  train_idx: jax.Array,
-  eval_idx: jax.Array,
-  kept_idx: jax.Array,
-  kept_mask: jax.Array,
-  tap_of: jax.Array,
-  params: Params,
-  *,
-  num_taps: int,
-  mode: str,
-) -> jax.Array:
-  """Correct predictions `[H]` (int32) of stage-2 heads on `eval_idx`.
-
-  Counts, not fractions: float32 means of equal counts can differ in the last
-  bit, which would break the grid's first-on-ties choice.
-  """
-  stats = None
-  if mode == "per_feature":
-    xt = x[train_idx]
-    stats = (xt.mean(axis=0), xt.var(axis=0))
-  xe = x[eval_idx]
-
-  def one(idx, mask, p):
-    logits = logits_fn(p, transform_kept(xe, idx, mask, tap_of, num_taps, mode, stats))
-    return (logits.argmax(-1) == y[eval_idx]).sum()
-
-  return jax.vmap(one)(kept_idx, kept_mask, params)

@@ -1,95 +1,130 @@
-"""Feature scores from a trained head, and the kept-feature mask.
+"""Feature selection as it runs: scores, top-k with offsets, tap interpolation, indices per tap.
 
 Features are the concatenation of the taps' pooled vectors, in tap order;
-`tap_sizes` gives each tap's width. A global index `g` belongs to the tap
-whose range `[offset, offset + size)` contains it.
+`tap_sizes` gives each tap's width and `tap_of [D]` each feature's tap id. A
+global index `g` belongs to the tap whose range `[offset, offset + size)`
+contains it. Connectivity scores and top-k run on the device, batched over
+folds and grid points; the data scores (sklearn) run on the host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 CONNECTIVITY_SCORES = ("connectivity_l1", "connectivity_l2", "connectivity_linf", "connectivity_l2layer")
 
 
-def connectivity_scores(kind: str, w: np.ndarray, tap_sizes: Sequence[int]) -> np.ndarray:
+def connectivity_scores(kind: str, w: jax.Array, tap_of: jax.Array, num_taps: int) -> jax.Array:
   """Scores features by the weights leaving them in a trained head.
 
   Args:
     kind: 'connectivity_l2' (sum of squared row weights; the paper's),
       'connectivity_l1' (sum of |w|), 'connectivity_linf' (max |w|), or
       'connectivity_l2layer' (each feature gets the mean row L2 norm of its tap).
-    w: `[dim, classes]` kernel of the head trained with the group penalty.
-    tap_sizes: feature count of each tap, summing to `dim`.
+    w: `[..., D, width]` first kernels of heads trained with the group penalty.
+    tap_of: `[D]` tap id of each feature.
+    num_taps: number of taps.
 
   Returns:
-    `[dim]` float scores; higher is more useful.
+    `[..., D]` scores; higher is more useful.
   """
-  w = np.asarray(w, np.float64)
   if kind == "connectivity_l2":
-    return (w**2).sum(axis=1)
+    return (w**2).sum(-1)
   if kind == "connectivity_l1":
-    return np.abs(w).sum(axis=1)
+    return jnp.abs(w).sum(-1)
   if kind == "connectivity_linf":
-    return np.abs(w).max(axis=1)
-  if kind == "connectivity_l2layer":
-    norms = np.sqrt((w**2).sum(axis=1))
-    return np.concatenate([np.full(len(part), part.mean()) for part in split_by_tap(norms, tap_sizes)])
-  raise ValueError(f"feature selection type {kind!r}; expected one of {', '.join(CONNECTIVITY_SCORES)}")
-
-
-def split_by_tap(values: np.ndarray, tap_sizes: Sequence[int]) -> list[np.ndarray]:
-  """Splits a `[dim]` array into one piece per tap."""
-  return np.split(np.asarray(values), np.cumsum(tap_sizes)[:-1])
+    return jnp.abs(w).max(-1)
+  if kind != "connectivity_l2layer":
+    raise ValueError(f"feature selection type {kind!r}; expected one of {', '.join(CONNECTIVITY_SCORES)}")
+  norms = jnp.sqrt((w**2).sum(-1))
+  flat = norms.reshape(-1, norms.shape[-1])
+  counts = jax.ops.segment_sum(jnp.ones_like(tap_of, jnp.float32), tap_of, num_taps)
+  means = jax.vmap(lambda r: jax.ops.segment_sum(r, tap_of, num_taps) / counts)(flat)
+  return means[:, tap_of].reshape(norms.shape)
 
 
 def interpolate_to_tap_mean(scores: np.ndarray, tap_sizes: Sequence[int], coef: float) -> np.ndarray:
-  """`(1 - coef) * score + coef * mean score of its tap` (the reference's option)."""
-  parts = [s * (1 - coef) + s.mean() * coef for s in split_by_tap(scores, tap_sizes)]
-  return np.concatenate(parts)
+  """`(1 - coef) * score + coef * mean score of its tap` (the reference's option); `[D]` -> `[D]`."""
+  parts = np.split(np.asarray(scores), np.cumsum(tap_sizes)[:-1])
+  return np.concatenate([s * (1 - coef) + s.mean() * coef for s in parts])
 
 
-def top_fraction(
-  scores: np.ndarray,
-  keep_fraction: float,
-  *,
-  offset: int = 0,
-  tap_sizes: Sequence[int] | None = None,
-  mean_interpolation_coef: float = 0.0,
-) -> np.ndarray:
-  """Global indices of the top `keep_fraction` of features.
+def num_kept(dim: int, keep_fraction: float, offset: int = 0) -> int:
+  """`int(dim * keep_fraction)`, the reference's count, checked to keep at least one feature."""
+  n = int(dim * float(keep_fraction))
+  if not 0 < keep_fraction <= 1 or n < 1:
+    raise ValueError(
+      f"keep_fraction={keep_fraction} of {dim} features keeps none; expected a fraction in (0, 1] "
+      f"keeping at least 1/{dim}"
+    )
+  if not 0 <= offset <= dim - n:
+    raise ValueError(
+      f"keep_fraction_offset={offset}: skipping that many of {dim} features leaves fewer than the "
+      f"{n} to keep; expected 0 <= offset <= {dim - n}"
+    )
+  return n
 
-  As the reference: `int(dim * keep_fraction)` features are kept after
-  skipping the `offset` best ones; ties go to the lower index.
+
+def select_top(
+  scores: jax.Array, num_kept: jax.Array, offset: jax.Array, max_kept: int
+) -> tuple[jax.Array, jax.Array]:
+  """Kept feature indices of one head, padded to `max_kept`.
+
+  The `num_kept` best features after skipping the `offset` best, as the
+  reference; ties go to the lower index. Returned in increasing index order
+  (so tap by tap, network order), padding (index D, mask 0) last.
 
   Returns:
-    Sorted int64 indices into the concatenated features.
+    `(idx [max_kept] int32, mask [max_kept] float32)`.
   """
-  if not 0 < keep_fraction <= 1:
-    raise ValueError(f"keep_fraction={keep_fraction}; expected a fraction in (0, 1]")
-  scores = np.asarray(scores, np.float64)
-  if mean_interpolation_coef > 0:
-    if tap_sizes is None:
-      raise ValueError("mean_interpolation_coef needs tap_sizes")
-    scores = interpolate_to_tap_mean(scores, tap_sizes, mean_interpolation_coef)
-  n_kept = int(scores.size * keep_fraction)
-  if n_kept < 1:
-    raise ValueError(
-      f"keep_fraction={keep_fraction} of {scores.size} features keeps none; raise keep_fraction"
-    )
-  order = np.argsort(-scores, kind="stable")
-  return np.sort(order[offset : offset + n_kept])
+  dim = scores.shape[0]
+  order = jnp.argsort(-scores, stable=True)
+  pos = jnp.arange(max_kept)
+  valid = pos < num_kept
+  idx = jnp.where(valid, order[jnp.minimum(pos + offset, dim - 1)], dim)
+  idx = jnp.sort(idx)
+  return idx.astype(jnp.int32), (idx < dim).astype(jnp.float32)
+
+
+def select(
+  scores: jax.Array | np.ndarray,
+  keep_fractions: Sequence[float],
+  offsets: Sequence[int],
+  interpolation: Sequence[float],
+  tap_sizes: Sequence[int],
+) -> tuple[jax.Array, jax.Array]:
+  """Kept indices and masks `[F, P, K]` of every fold and grid point.
+
+  Args:
+    scores: `[F, P, D]` feature scores.
+    keep_fractions, offsets, interpolation: per grid point, the
+      `feature_selection` options `keep_fraction`, `keep_fraction_offset` and
+      `mean_interpolation_coef`.
+    tap_sizes: each tap's width (sums to D).
+
+  Returns:
+    `(idx, mask)`, padded to the largest keep count K (see `select_top`).
+  """
+  dim = int(sum(tap_sizes))
+  if any(c > 0 for c in interpolation):
+    scores = np.array(scores)
+    for p, coef in enumerate(interpolation):
+      if coef > 0:
+        for f in range(scores.shape[0]):
+          scores[f, p] = interpolate_to_tap_mean(scores[f, p], tap_sizes, coef)
+  counts = np.asarray([num_kept(dim, kf, off) for kf, off in zip(keep_fractions, offsets, strict=True)])
+  top = jax.vmap(jax.vmap(select_top, in_axes=(0, 0, 0, None)), in_axes=(0, None, None, None))
+  return top(jnp.asarray(scores, jnp.float32), jnp.asarray(counts), jnp.asarray(offsets), int(counts.max()))
 
 
 def indices_per_tap(
   global_idx: np.ndarray, tap_names: Sequence[str], tap_sizes: Sequence[int]
 ) -> dict[str, np.ndarray]:
-  """Splits global feature indices into `{tap: indices within that tap}`.
-
-  Taps with no kept feature map to an empty array.
-  """
+  """Splits global feature indices into `{tap: int32 indices within that tap}` (empty arrays kept)."""
   global_idx = np.asarray(global_idx)
   out, start = {}, 0
   for name, size in zip(tap_names, tap_sizes, strict=True):
@@ -184,3 +219,35 @@ def data_scores(kind: str, x: np.ndarray, labels: np.ndarray, *, seed: int) -> n
   else:
     raise ValueError(f"feature selection type {kind!r}; expected one of {', '.join(DATA_SCORES)}")
   return np.nan_to_num(np.asarray(scores, np.float64), nan=0.0)
+
+
+def data_scores_per_fold(
+  kind: str,
+  x: np.ndarray,
+  labels: np.ndarray,
+  train_idx: np.ndarray,
+  fold_ids: Sequence[int],
+  *,
+  seed: int,
+  repeats: int = 1,
+) -> np.ndarray:
+  """`data_scores` of each fold's training examples, averaged over `repeats` seeds: `[F, D]`.
+
+  Args:
+    kind, x, labels: as `data_scores` (`x [n, D]` raw features).
+    train_idx: `[F, m]` each fold's training indices.
+    fold_ids: each fold's id; run `r` of fold `f` is seeded `seed * 1000 + f * 10 + r`.
+    seed: the run's seed.
+    repeats: `average_over_k`.
+  """
+  return np.stack(
+    [
+      np.mean(
+        [data_scores(kind, x[tr], labels[tr], seed=seed * 1000 + fid * 10 + r) for r in range(repeats)], 0
+      )
+      for tr, fid in zip(train_idx, fold_ids, strict=True)
+    ]
+  )
+
+
+TYPES = ("none",) + CONNECTIVITY_SCORES + DATA_SCORES

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from h2t import head2toe, probe, selection
-from tests import toy
+from h2t import head2toe, normalize, probe, selection
+from tests import oracles, toy
 
 
 def _toy_task(seed=0, n=200, informative=("b",)):
@@ -32,24 +32,24 @@ def _learning(**overrides):
 class NormalizeTest(absltest.TestCase):
   def test_unit_vector_rows_and_zero_rows(self):
     x = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
-    np.testing.assert_allclose(head2toe.unit_vector(x), [[0.6, 0.8], [0.0, 0.0]])
+    np.testing.assert_allclose(np.asarray(normalize.unit_vector(x)), [[0.6, 0.8], [0.0, 0.0]])
 
   def test_unit_vector_is_per_tap(self):
     feats = {"a": np.array([[3.0, 4.0]]), "b": np.array([[0.0, 0.0, 2.0]])}
-    x, stats = head2toe.normalize(feats, ["a", "b"], "unit_vector")
+    x, stats = normalize.features_matrix(feats, ["a", "b"], "unit_vector")
     np.testing.assert_allclose(x, [[0.6, 0.8, 0, 0, 1]])
     self.assertIsNone(stats)
 
   def test_per_feature_uses_training_statistics(self):
     feats = {"a": np.array([[1.0], [3.0]])}
-    x, stats = head2toe.normalize(feats, ["a"], "per_feature")
+    x, stats = normalize.features_matrix(feats, ["a"], "per_feature")
     np.testing.assert_allclose(x[:, 0], [-1, 1], atol=1e-5)
-    y, _ = head2toe.normalize({"a": np.array([[2.0]])}, ["a"], "per_feature", stats)
+    y, _ = normalize.features_matrix({"a": np.array([[2.0]])}, ["a"], "per_feature", stats)
     np.testing.assert_allclose(y, [[0.0]], atol=1e-6)
 
   def test_unknown_mode(self):
     with self.assertRaisesRegex(ValueError, "unit_vector"):
-      head2toe.normalize({"a": np.ones((1, 1))}, ["a"], "l2")
+      normalize.features_matrix({"a": np.ones((1, 1))}, ["a"], "l2")
 
 
 class PenaltyTest(parameterized.TestCase):
@@ -90,13 +90,13 @@ class PenaltyTest(parameterized.TestCase):
 class SelectionTest(absltest.TestCase):
   def test_top_fraction_and_offset(self):
     scores = np.array([0.1, 0.9, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6, 0.4, 0.0])
-    np.testing.assert_array_equal(selection.top_fraction(scores, 0.3), [1, 3, 5])
+    np.testing.assert_array_equal(oracles.top_fraction(scores, 0.3), [1, 3, 5])
     # Offset 1 drops exactly the best one (index 1) and takes the next three.
-    np.testing.assert_array_equal(selection.top_fraction(scores, 0.3, offset=1), [3, 5, 7])
+    np.testing.assert_array_equal(oracles.top_fraction(scores, 0.3, offset=1), [3, 5, 7])
 
   def test_keeps_none_is_an_error(self):
     with self.assertRaisesRegex(ValueError, "keeps none"):
-      selection.top_fraction(np.ones(5), 0.1)
+      oracles.top_fraction(np.ones(5), 0.1)
 
   def test_indices_per_tap(self):
     out = selection.indices_per_tap(np.array([0, 4, 5, 9]), ["a", "b", "c"], [3, 3, 4])
@@ -106,10 +106,10 @@ class SelectionTest(absltest.TestCase):
 
   def test_connectivity_scores(self):
     w = np.array([[1.0, -2.0], [0.0, 3.0], [1.0, 1.0]])
-    np.testing.assert_allclose(selection.connectivity_scores("connectivity_l2", w, [3]), [5, 9, 2])
-    np.testing.assert_allclose(selection.connectivity_scores("connectivity_l1", w, [3]), [3, 3, 2])
-    np.testing.assert_allclose(selection.connectivity_scores("connectivity_linf", w, [3]), [2, 3, 1])
-    layer = selection.connectivity_scores("connectivity_l2layer", w, [2, 1])
+    np.testing.assert_allclose(oracles.connectivity_scores("connectivity_l2", w, [3]), [5, 9, 2])
+    np.testing.assert_allclose(oracles.connectivity_scores("connectivity_l1", w, [3]), [3, 3, 2])
+    np.testing.assert_allclose(oracles.connectivity_scores("connectivity_linf", w, [3]), [2, 3, 1])
+    layer = oracles.connectivity_scores("connectivity_l2layer", w, [2, 1])
     np.testing.assert_allclose(layer, [(math.sqrt(5) + 3) / 2] * 2 + [math.sqrt(2)])
 
 
@@ -154,10 +154,6 @@ class FitTest(absltest.TestCase):
     feats, labels = _toy_task()
     with self.assertRaisesRegex(ValueError, "connectivity_l2"):
       head2toe.fit(feats, labels, _learning(**{"feature_selection.type": "magic"}), seed=0)
-
-
-if __name__ == "__main__":
-  absltest.main()
 
 
 class GridTest(absltest.TestCase):
@@ -220,3 +216,7 @@ class GridTest(absltest.TestCase):
     sub = {t: v[80:] for t, v in feats.items()}
     acc = (head.predict(sub).argmax(-1) == labels[80:]).mean()
     self.assertAlmostEqual(acc, float(run.accuracy[0, 0]), places=6)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -8,8 +8,8 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 import configs.vtab as vtab_config
-from h2t import evaluate, features, head2toe, probe, selection
-from tests import toy
+from h2t import evaluate, features, head2toe, probe, selection, stages
+from tests import oracles, toy
 
 FOLDS = [(np.arange(0, 160), np.arange(160, 200)), (np.arange(40, 200), np.arange(0, 40))]
 
@@ -48,14 +48,12 @@ class SelectionOptionsTest(parameterized.TestCase):
     train = np.stack([f[0] for f in FOLDS])
     keys = head2toe.selection_keys(0, [0, 1])
     one = [
-      np.asarray(
-        head2toe.connectivity_scores(prep, labels, [learning], train, keys, num_classes=3, repeats=[r])
-      )
+      np.asarray(stages.stage1_scores(prep, labels, [learning], train, keys, num_classes=3, repeats=[r]))
       for r in range(3)
     ]
     self.assertFalse(np.allclose(one[0], one[1]))  # the runs differ (own init and minibatches)
     avg = np.asarray(
-      head2toe.connectivity_scores(prep, labels, [learning], train, keys, num_classes=3, repeats=range(3))
+      stages.stage1_scores(prep, labels, [learning], train, keys, num_classes=3, repeats=range(3))
     )
     np.testing.assert_allclose(avg, np.mean(one, axis=0), rtol=1e-5)
     run = _grid([learning])
@@ -97,8 +95,8 @@ class SelectionOptionsTest(parameterized.TestCase):
     w = np.random.default_rng(1).normal(size=(9, 4)).astype(np.float32)
     sizes = [4, 5]
     tap_of = jnp.asarray(np.repeat([0, 1], sizes))
-    got = head2toe._device_scores(kind, jnp.asarray(w)[None], tap_of, 2)[0]  # noqa: SLF001
-    np.testing.assert_allclose(got, selection.connectivity_scores(kind, w, sizes), rtol=1e-5)
+    got = selection.connectivity_scores(kind, jnp.asarray(w)[None], tap_of, 2)[0]
+    np.testing.assert_allclose(got, oracles.connectivity_scores(kind, w, sizes), rtol=1e-5)
 
   @parameterized.parameters(
     "variance", "sklearn_chi2", "sklearn_f_classif", "sklearn_mutual_info_classif", "sklearn_trees"
@@ -122,7 +120,7 @@ class SelectionOptionsTest(parameterized.TestCase):
         group_lrp_is_embedding=True,
         **{"feature_selection.learning_config_overwrite.group_lrp_regularizer_coef": coef},
       )
-      s = np.asarray(head2toe.connectivity_scores(prep, labels, [learning], train, keys, num_classes=3))[0, 0]
+      s = np.asarray(stages.stage1_scores(prep, labels, [learning], train, keys, num_classes=3))[0, 0]
       return math.sqrt(s[:30].sum()), math.sqrt(s[30:].sum())  # each tap's kernel norm
 
     a_weak, b_weak = tap_norms(0.0)

