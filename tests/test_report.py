@@ -4,18 +4,17 @@ import csv
 import importlib.util
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 from absl.testing import absltest
 
+import configs.vtab as vtab_config
 from h2t import report
 from h2t.data import vtab
+from tests import toy
+from tests.toy import ROOT, make_tempdir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TAPS = [f"block{i}_{kind}" for i in range(16) for kind in ("expand", "depthwise", "output")] + [
   "head",
@@ -44,13 +43,6 @@ def fake_results(task, accuracies, *, backbone="vit_b16", eval_mode="test", grid
   if grid is not None:
     results["grid"] = grid
   return results
-
-
-def make_tempdir(test):
-  """A fresh folder, removed after the test (absltest's create_tempdir needs parsed flags; pytest has none)."""
-  path = tempfile.mkdtemp(prefix="h2t_test_")
-  test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-  return path
 
 
 def write_json(path, obj):
@@ -202,26 +194,14 @@ class ReportTest(absltest.TestCase):
     small = make_tempdir(self)  # two runs: the command, not the figures, is under test here
     for task in ("dtd", "digits"):
       write_json(os.path.join(small, task, "results.json"), fake_results(task, {"head2toe": 0.5}))
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run(
-      [sys.executable, "-m", "h2t.report", small], capture_output=True, text=True, env=env
-    )
+    proc = toy.run_python("-m", "h2t.report", small)
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     self.assertIn("| Head2Toe | vit_b16 | 50.0 |", proc.stdout)
     self.assertTrue(os.path.exists(os.path.join(small, "report", "table.csv")))  # the default --out
     empty = make_tempdir(self)
-    proc = subprocess.run(
-      [sys.executable, "-m", "h2t.report", empty], capture_output=True, text=True, env=env
-    )
+    proc = toy.run_python("-m", "h2t.report", empty)
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("no results.json found", proc.stderr)
-
-
-def load_config():
-  spec = importlib.util.spec_from_file_location("vtab_config", os.path.join(ROOT, "configs", "vtab.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def load_sweep_module():
@@ -256,22 +236,11 @@ class SweepTest(absltest.TestCase):
 
   def test_sweep_resumes_and_reports(self):
     root = make_tempdir(self)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [
-      sys.executable,
-      os.path.join(ROOT, "experiments", "vtab_sweep.py"),
-      "--config=" + os.path.join(ROOT, "configs", "vtab.py"),
-      f"--root={root}",
-      "--tasks=digits",
-      "--config.backbone.input_size=32",
-      "--config.backbone.additional_features_target_size=64",
-      "--config.learning.training_steps=20",
-      "--config.sweep=",
-      "--config.methods=('head2toe',)",
-    ]
+    args = [os.path.join(ROOT, "experiments", "vtab_sweep.py"), f"--config={toy.CONFIG}", f"--root={root}"]
+    args += ["--tasks=digits", *toy.fast(steps=20), toy.NO_GRID, "--config.methods=('head2toe',)"]
     # A run killed before it finished left a workdir without results.json: it is run again.
     os.makedirs(os.path.join(root, "efficientnet_lite0", "digits", "cache"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = toy.run_python(*args)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("[1/1] elapsed", proc.stderr)
     results_path = os.path.join(root, "efficientnet_lite0", "digits", "results.json")
@@ -282,15 +251,15 @@ class SweepTest(absltest.TestCase):
     mtime = os.path.getmtime(results_path)
 
     # Finished: skipped.
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = toy.run_python(*args)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("1 finished before, 0 to run", proc.stderr)
     self.assertEqual(os.path.getmtime(results_path), mtime)
 
     # Finished with another config: refused before any work, naming the option.
     sweep = load_sweep_module()
-    config = load_config()
-    config.backbone.input_size = 32
+    config = vtab_config.get_config()
+    config.backbone.input_size = toy.FAST_INPUT_SIZE
     jobs = sweep.plan(root, ["efficientnet_lite0"], ["digits"])
     with self.assertRaisesRegex(
       ValueError,
