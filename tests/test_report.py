@@ -145,12 +145,35 @@ class ReportTest(absltest.TestCase):
     self.assertIn(("Head2Toe (5-fold CV)", "valid"), titles)
 
   def test_unreadable_results_are_skipped(self):
-    for name, text in (("truncated", '{"task": "dtd", "meth'), ("other", '{"accuracy": 1}')):
+    damaged = fake_results("dtd", {"head2toe": "high"})
+    no_size = fake_results("dtd", {"head2toe": 0.5})
+    del no_size["backbone"]["input_size"]
+    texts = {
+      "truncated": '{"task": "dtd", "meth',
+      "other": '{"accuracy": 1}',
+      "a_list": "[1, 2]",
+      "damaged": json.dumps(damaged),
+      "no_size": json.dumps(no_size),
+    }
+    for name, text in texts.items():
       os.makedirs(os.path.join(self.dir, name))
       with open(os.path.join(self.dir, name, "results.json"), "w") as f:
         f.write(text)
-    runs = report.load_runs([self.dir])
+    skipped = []
+    runs = report.load_runs([self.dir], skipped)
     self.assertLen(runs, 19 + 1)
+    reasons = {os.path.basename(os.path.dirname(path)): reason for path, reason in skipped}
+    self.assertEqual(set(reasons), set(texts))
+    self.assertIn("lacks task, backbone, methods", reasons["other"])
+    self.assertIn("input_size", reasons["no_size"])
+    self.assertIn("head2toe test_accuracy 'high' is not a number", reasons["damaged"])
+    # The report is written from the readable runs and names the skipped files.
+    out = os.path.join(self.dir, "report")
+    report.write_report([self.dir], out)
+    with open(os.path.join(out, "table.md")) as f:
+      md = f.read()
+    self.assertIn("## Skipped", md)
+    self.assertIn(os.path.join(self.dir, "truncated", "results.json"), md)
 
   def test_newest_duplicate_wins(self):
     path = os.path.join(self.dir, "again", "dtd", "results.json")
@@ -198,10 +221,50 @@ class ReportTest(absltest.TestCase):
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     self.assertIn("| Head2Toe | vit_b16 | 50.0 |", proc.stdout)
     self.assertTrue(os.path.exists(os.path.join(small, "report", "table.csv")))  # the default --out
+
+  def assert_error_line(self, proc, *needles):
+    """One `error:` line last on stderr, naming `needles`; no traceback; a non-zero exit."""
+    self.assertNotEqual(proc.returncode, 0, proc.stdout[-2000:])
+    self.assertNotIn("Traceback", proc.stderr)
+    last = proc.stderr.strip().splitlines()[-1]
+    self.assertTrue(last.startswith("error: "), proc.stderr[-2000:])
+    for needle in needles:
+      self.assertIn(needle, last)
+
+  def test_command_line_errors(self):
     empty = make_tempdir(self)
-    proc = toy.run_python("-m", "h2t.report", empty)
-    self.assertNotEqual(proc.returncode, 0)
-    self.assertIn("no results.json found", proc.stderr)
+    self.assert_error_line(toy.run_python("-m", "h2t.report", empty), "no results.json found", empty)
+    missing = os.path.join(empty, "no_such_runs")
+    self.assert_error_line(toy.run_python("-m", "h2t.report", missing), missing, "no such folder")
+
+    runs = make_tempdir(self)
+    write_json(os.path.join(runs, "dtd", "results.json"), fake_results("dtd", {"head2toe": 0.5}))
+    a_file = os.path.join(runs, "table.md")
+    with open(a_file, "w") as f:
+      f.write("an older report")
+    proc = toy.run_python("-m", "h2t.report", runs, f"--out={a_file}")
+    self.assert_error_line(proc, a_file, "is a file, not a folder")
+    with open(a_file) as f:
+      self.assertEqual(f.read(), "an older report")  # left alone
+    below_a_file = os.path.join(a_file, "report")  # cannot be created: its parent is a file
+    proc = toy.run_python("-m", "h2t.report", runs, f"--out={below_a_file}")
+    self.assert_error_line(proc, below_a_file, "give --out a folder you can write to")
+
+  def test_command_line_with_damaged_results(self):
+    runs = make_tempdir(self)
+    damaged = os.path.join(runs, "dtd_killed", "results.json")
+    os.makedirs(os.path.dirname(damaged))
+    with open(damaged, "w") as f:
+      f.write('{"task": "dtd", "backbone": {"na')
+    # Alone, it is an error naming it.
+    self.assert_error_line(toy.run_python("-m", "h2t.report", runs), "no readable results.json", damaged)
+    # Among readable runs, it is skipped with a warning naming it; the report of the others is written.
+    write_json(os.path.join(runs, "dtd", "results.json"), fake_results("dtd", {"head2toe": 0.5}))
+    proc = toy.run_python("-m", "h2t.report", runs)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertIn(f"skipping {damaged}", proc.stderr)
+    self.assertIn("| Head2Toe | vit_b16 | 50.0 |", proc.stdout)
+    self.assertIn(f"`{damaged}`", proc.stdout)  # table.md's Skipped list
 
 
 def load_sweep_module():
