@@ -22,7 +22,7 @@ NO_GRID = "--config.sweep="  # no hyperparameter grid: the config's own point, n
 
 
 def fast(steps: int = 30) -> tuple[str, ...]:
-  """Overrides for a small, fast run on the real packaged backbone: FAST_INPUT_SIZE px inputs, `steps` training steps."""
+  """Overrides for a small, fast run on the real packaged backbone: 32 px inputs, `steps` training steps."""
   return (
     f"--config.backbone.input_size={FAST_INPUT_SIZE}",
     "--config.backbone.additional_features_target_size=64",
