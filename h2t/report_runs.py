@@ -31,7 +31,7 @@ ACCURACY_KEYS = ("test_accuracy", "valid_accuracy")
 
 
 class ReportError(ValueError):
-  """A user error (a missing folder, an unusable --out, no runs): `python -m h2t.report` prints it as `error:`."""
+  """A user error (missing folder, unusable --out, no runs); `python -m h2t.report` prints it as `error:`."""
 
 
 def task_group(task: str) -> str:

@@ -71,7 +71,7 @@ def results(workdir: str) -> dict:
 
 
 def make_tempdir(test, prefix: str = "h2t_test_") -> str:
-  """A fresh folder, removed after the test (absltest's create_tempdir needs parsed flags; pytest has none)."""
+  """A fresh folder, removed after the test (absltest's create_tempdir needs parsed flags)."""
   path = tempfile.mkdtemp(prefix=prefix)
   test.addCleanup(shutil.rmtree, path, ignore_errors=True)
   return path
