@@ -1,21 +1,17 @@
 """Folders of images as tasks (`--config.dataset=folder:PATH`): layouts, splits, errors, end to end."""
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 
 import ml_collections
 import numpy as np
 from absl.testing import absltest
 from PIL import Image
 
+import configs.vtab as vtab_config
 from h2t import data, evaluate
 from h2t.data import base, folder
+from tests import toy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"blue": 2, "green": 1, "red": 0}
 
 
@@ -30,9 +26,7 @@ def write_images(directory, n, channel, *, seed, size=(20, 24), ext="png"):
 
 
 def make_tempdir(test):
-  path = tempfile.mkdtemp(prefix="h2t_folder_")
-  test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-  return path
+  return toy.make_tempdir(test, prefix="h2t_folder_")
 
 
 class FolderLayoutTest(absltest.TestCase):
@@ -148,23 +142,10 @@ class FolderEndToEndTest(absltest.TestCase):
       write_images(os.path.join(root, "images", "train", c), 8, ch, seed=ch)
       write_images(os.path.join(root, "images", "test", c), 3, ch, seed=10 + ch)
     workdir = os.path.join(root, "run")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [
-      sys.executable,
-      "-m",
-      "h2t.main",
-      "--config=" + os.path.join(ROOT, "configs", "vtab.py"),
-      f"--workdir={workdir}",
-      "--config.dataset=folder:" + os.path.join(root, "images"),
-      "--config.backbone.input_size=32",
-      "--config.backbone.additional_features_target_size=64",
-      "--config.learning.training_steps=30",
-      "--config.sweep=",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    dataset = "--config.dataset=folder:"
+    proc = toy.run_main(workdir, dataset + os.path.join(root, "images"), toy.NO_GRID)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
-    with open(os.path.join(workdir, "results.json")) as f:
-      results = json.load(f)
+    results = toy.results(workdir)
     self.assertRegex(results["task"], r"^folder_images_[0-9a-f]{10}$")
     self.assertEqual(results["num_classes"], 3)
     # Colour is easy: the real backbone's features separate the classes.
@@ -172,18 +153,12 @@ class FolderEndToEndTest(absltest.TestCase):
     self.assertLen(os.listdir(os.path.join(workdir, "cache")), 1)
 
     # A missing folder stops the run with a message naming the layouts.
-    cmd[5] = "--config.dataset=folder:" + os.path.join(root, "nope")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = toy.run_main(workdir, dataset + os.path.join(root, "nope"), toy.NO_GRID)
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("does not exist; expected either", proc.stderr)
 
   def test_validate_accepts_a_folder(self):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vtab_config", os.path.join(ROOT, "configs", "vtab.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = vtab_config.get_config()
     config.dataset = "folder:/somewhere"
     evaluate.validate(config)  # the folder is read (and checked) when the run loads the task
     config.dataset = "folder"

@@ -1,44 +1,22 @@
 """`python -m h2t.main` end to end, and its errors."""
 
 import glob
-import json
 import os
-import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A small, fast run on the real packaged backbone: 32 px inputs, few steps.
-FAST = [
-  "--config.backbone.input_size=32",
-  "--config.backbone.additional_features_target_size=64",
-  "--config.learning.training_steps=30",
-]
-
-
-def run_main(workdir, *overrides):
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  cmd = [
-    sys.executable,
-    "-m",
-    "h2t.main",
-    "--config=" + os.path.join(ROOT, "configs/vtab.py"),
-    f"--workdir={workdir}",
-  ]
-  return subprocess.run(cmd + list(overrides), capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+from tests import toy
 
 
 class MainTest(absltest.TestCase):
   def test_end_to_end_on_digits(self):
     with tempfile.TemporaryDirectory() as workdir:
-      proc = run_main(workdir, *FAST)
+      proc = toy.run_main(workdir)
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
       self.assertRegex(proc.stdout, r"head2toe +CV accuracy +[\d.]+% +test accuracy +[\d.]+%")
       self.assertRegex(proc.stdout, r"linear +CV accuracy +[\d.]+% +test accuracy +[\d.]+%")
-      with open(os.path.join(workdir, "results.json")) as f:
-        results = json.load(f)
+      results = toy.results(workdir)
       self.assertEqual(results["task"], "digits")
       self.assertEqual(results["config"]["learning"]["training_steps"], 30)
       for method in ("head2toe", "linear"):
@@ -62,10 +40,9 @@ class MainTest(absltest.TestCase):
       self.assertFalse(results["train_features_cached"])
 
       # A second run reads the training features from the cache, with the same result.
-      again = run_main(workdir, *FAST)
+      again = toy.run_main(workdir)
       self.assertEqual(again.returncode, 0, again.stderr[-3000:])
-      with open(os.path.join(workdir, "results.json")) as f:
-        second = json.load(f)
+      second = toy.results(workdir)
       self.assertTrue(second["train_features_cached"])
       self.assertEqual(second["methods"]["head2toe"]["test_accuracy"], h2t["test_accuracy"])
 
@@ -80,7 +57,7 @@ class MainTest(absltest.TestCase):
         ],
       }
       for flag, needles in cases.items():
-        proc = run_main(workdir, flag)
+        proc = toy.run_main(workdir, flag, fast=())
         self.assertNotEqual(proc.returncode, 0)
         for needle in needles:
           self.assertIn(needle, proc.stderr, flag)

@@ -1,11 +1,8 @@
 """h2t.predict: a saved head, rebuilt with its backbone, classifies as the run that saved it."""
 
 import csv
-import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -15,10 +12,9 @@ from PIL import Image
 from h2t import data, predict
 from h2t.data import folder
 from h2t.head2toe import Head
+from tests import toy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-INPUT_SIZE = 32
+INPUT_SIZE = toy.FAST_INPUT_SIZE  # the run's
 
 
 class PredictTest(absltest.TestCase):
@@ -28,22 +24,10 @@ class PredictTest(absltest.TestCase):
     # A real run, small: the packaged EfficientNet-Lite0 at 32 px on digits, few steps, no grid.
     cls.dir = tempfile.mkdtemp(prefix="h2t_predict_")
     cls.workdir = os.path.join(cls.dir, "run")
-    cmd = [
-      sys.executable,
-      "-m",
-      "h2t.main",
-      "--config=" + os.path.join(ROOT, "configs", "vtab.py"),
-      f"--workdir={cls.workdir}",
-      f"--config.backbone.input_size={INPUT_SIZE}",
-      "--config.backbone.additional_features_target_size=64",
-      "--config.learning.training_steps=30",
-      "--config.sweep=",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
+    proc = toy.run_main(cls.workdir, toy.NO_GRID)
     if proc.returncode != 0:
       raise RuntimeError(proc.stderr[-3000:])
-    with open(os.path.join(cls.workdir, "results.json")) as f:
-      cls.results = json.load(f)
+    cls.results = toy.results(cls.workdir)
     cls.images, cls.labels = data.get_task("digits").arrays("test", image_size=INPUT_SIZE)
     cls.head = Head.load(os.path.join(cls.workdir, "head_head2toe.npz"))
     cls.backbone = predict.backbone_for(cls.head)
@@ -120,10 +104,8 @@ class PredictTest(absltest.TestCase):
     with open(os.path.join(images_dir, "notes.txt"), "w") as f:
       f.write("not an image")
     out = os.path.join(self.dir, "preds.csv")
-    cmd = [sys.executable, "-m", "h2t.predict", "--head=" + os.path.join(self.workdir, "head_head2toe.npz")]
-    proc = subprocess.run(
-      cmd + [images_dir, f"--output={out}"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600
-    )
+    cmd = ["-m", "h2t.predict", "--head=" + os.path.join(self.workdir, "head_head2toe.npz")]
+    proc = toy.run_python(*cmd, images_dir, f"--output={out}")
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("% of the backbone's", proc.stdout)
     with open(out) as f:
@@ -135,14 +117,7 @@ class PredictTest(absltest.TestCase):
     np.testing.assert_array_equal([int(r["label"]) for r in rows], expected)
     np.testing.assert_allclose([float(r["probability"]) for r in rows], probs.max(axis=1), atol=1e-5)
 
-    proc = subprocess.run(
-      cmd + [os.path.join(self.dir, "missing.png")],
-      capture_output=True,
-      text=True,
-      env=ENV,
-      cwd=ROOT,
-      timeout=600,
-    )
+    proc = toy.run_python(*cmd, os.path.join(self.dir, "missing.png"))
     self.assertNotEqual(proc.returncode, 0)
     self.assertIn("missing.png' is neither an image file nor a folder", proc.stderr)
 

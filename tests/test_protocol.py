@@ -1,11 +1,9 @@
 """The protocol's promises: the feature cache, resuming, and several devices."""
 
 import glob
-import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -13,34 +11,15 @@ import numpy as np
 from absl.testing import absltest
 
 from h2t import evaluate
+from tests import toy
+from tests.toy import results
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = [
-  "--config.backbone.input_size=32",
-  "--config.backbone.additional_features_target_size=64",
-  "--config.learning.training_steps=20",
-  "--config.sweep=learning.feature_selection.keep_fraction=0.05,0.1",
-]
+# The protocol's runs: 20 training steps, a grid of two keep fractions.
+FAST = (*toy.fast(steps=20), "--config.sweep=learning.feature_selection.keep_fraction=0.05,0.1")
 
 
 def run_main(workdir, *overrides, env_extra=None):
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  env.update(env_extra or {})
-  cmd = [
-    sys.executable,
-    "-m",
-    "h2t.main",
-    "--config=" + os.path.join(ROOT, "configs/vtab.py"),
-    f"--workdir={workdir}",
-  ]
-  return subprocess.run(
-    cmd + FAST + list(overrides), capture_output=True, text=True, env=env, cwd=ROOT, timeout=900
-  )
-
-
-def results(workdir):
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
+  return toy.run_main(workdir, *overrides, fast=FAST, env_extra=env_extra, timeout=900)
 
 
 def outcome(r):
@@ -109,15 +88,10 @@ class ProtocolRunsTest(absltest.TestCase):
 
   def test_killed_during_extraction_then_resumed(self):
     with tempfile.TemporaryDirectory() as workdir:
-      env = dict(os.environ, PYTHONPATH=ROOT)
-      cmd = [
-        sys.executable,
-        "-m",
-        "h2t.main",
-        "--config=" + os.path.join(ROOT, "configs/vtab.py"),
-        f"--workdir={workdir}",
-      ] + FAST
-      proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+      cmd = toy.main_command(workdir, fast=FAST)
+      proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=toy.environ(), cwd=toy.ROOT
+      )
       # Kill it once extraction has started: the log names the grid just before it.
       log = os.path.join(workdir, "log.txt")
       for _ in range(3000):  # up to ~5 minutes of polling

@@ -4,18 +4,17 @@ import csv
 import importlib.util
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 from absl.testing import absltest
 
+import configs.vtab as vtab_config
 from h2t import report
 from h2t.data import vtab
+from tests import toy
+from tests.toy import ROOT, make_tempdir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TAPS = [f"block{i}_{kind}" for i in range(16) for kind in ("expand", "depthwise", "output")] + [
   "head",
@@ -44,13 +43,6 @@ def fake_results(task, accuracies, *, backbone="vit_b16", eval_mode="test", grid
   if grid is not None:
     results["grid"] = grid
   return results
-
-
-def make_tempdir(test):
-  """A fresh folder, removed after the test (absltest's create_tempdir needs parsed flags; pytest has none)."""
-  path = tempfile.mkdtemp(prefix="h2t_test_")
-  test.addCleanup(shutil.rmtree, path, ignore_errors=True)
-  return path
 
 
 def write_json(path, obj):
@@ -153,12 +145,35 @@ class ReportTest(absltest.TestCase):
     self.assertIn(("Head2Toe (5-fold CV)", "valid"), titles)
 
   def test_unreadable_results_are_skipped(self):
-    for name, text in (("truncated", '{"task": "dtd", "meth'), ("other", '{"accuracy": 1}')):
+    damaged = fake_results("dtd", {"head2toe": "high"})
+    no_size = fake_results("dtd", {"head2toe": 0.5})
+    del no_size["backbone"]["input_size"]
+    texts = {
+      "truncated": '{"task": "dtd", "meth',
+      "other": '{"accuracy": 1}',
+      "a_list": "[1, 2]",
+      "damaged": json.dumps(damaged),
+      "no_size": json.dumps(no_size),
+    }
+    for name, text in texts.items():
       os.makedirs(os.path.join(self.dir, name))
       with open(os.path.join(self.dir, name, "results.json"), "w") as f:
         f.write(text)
-    runs = report.load_runs([self.dir])
+    skipped = []
+    runs = report.load_runs([self.dir], skipped)
     self.assertLen(runs, 19 + 1)
+    reasons = {os.path.basename(os.path.dirname(path)): reason for path, reason in skipped}
+    self.assertEqual(set(reasons), set(texts))
+    self.assertIn("lacks task, backbone, methods", reasons["other"])
+    self.assertIn("input_size", reasons["no_size"])
+    self.assertIn("head2toe test_accuracy 'high' is not a number", reasons["damaged"])
+    # The report is written from the readable runs and names the skipped files.
+    out = os.path.join(self.dir, "report")
+    report.write_report([self.dir], out)
+    with open(os.path.join(out, "table.md")) as f:
+      md = f.read()
+    self.assertIn("## Skipped", md)
+    self.assertIn(os.path.join(self.dir, "truncated", "results.json"), md)
 
   def test_newest_duplicate_wins(self):
     path = os.path.join(self.dir, "again", "dtd", "results.json")
@@ -202,26 +217,54 @@ class ReportTest(absltest.TestCase):
     small = make_tempdir(self)  # two runs: the command, not the figures, is under test here
     for task in ("dtd", "digits"):
       write_json(os.path.join(small, task, "results.json"), fake_results(task, {"head2toe": 0.5}))
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run(
-      [sys.executable, "-m", "h2t.report", small], capture_output=True, text=True, env=env
-    )
+    proc = toy.run_python("-m", "h2t.report", small)
     self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     self.assertIn("| Head2Toe | vit_b16 | 50.0 |", proc.stdout)
     self.assertTrue(os.path.exists(os.path.join(small, "report", "table.csv")))  # the default --out
+
+  def assert_error_line(self, proc, *needles):
+    """One `error:` line last on stderr, naming `needles`; no traceback; a non-zero exit."""
+    self.assertNotEqual(proc.returncode, 0, proc.stdout[-2000:])
+    self.assertNotIn("Traceback", proc.stderr)
+    last = proc.stderr.strip().splitlines()[-1]
+    self.assertTrue(last.startswith("error: "), proc.stderr[-2000:])
+    for needle in needles:
+      self.assertIn(needle, last)
+
+  def test_command_line_errors(self):
     empty = make_tempdir(self)
-    proc = subprocess.run(
-      [sys.executable, "-m", "h2t.report", empty], capture_output=True, text=True, env=env
-    )
-    self.assertNotEqual(proc.returncode, 0)
-    self.assertIn("no results.json found", proc.stderr)
+    self.assert_error_line(toy.run_python("-m", "h2t.report", empty), "no results.json found", empty)
+    missing = os.path.join(empty, "no_such_runs")
+    self.assert_error_line(toy.run_python("-m", "h2t.report", missing), missing, "no such folder")
 
+    runs = make_tempdir(self)
+    write_json(os.path.join(runs, "dtd", "results.json"), fake_results("dtd", {"head2toe": 0.5}))
+    a_file = os.path.join(runs, "table.md")
+    with open(a_file, "w") as f:
+      f.write("an older report")
+    proc = toy.run_python("-m", "h2t.report", runs, f"--out={a_file}")
+    self.assert_error_line(proc, a_file, "is a file, not a folder")
+    with open(a_file) as f:
+      self.assertEqual(f.read(), "an older report")  # left alone
+    below_a_file = os.path.join(a_file, "report")  # cannot be created: its parent is a file
+    proc = toy.run_python("-m", "h2t.report", runs, f"--out={below_a_file}")
+    self.assert_error_line(proc, below_a_file, "give --out a folder you can write to")
 
-def load_config():
-  spec = importlib.util.spec_from_file_location("vtab_config", os.path.join(ROOT, "configs", "vtab.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  def test_command_line_with_damaged_results(self):
+    runs = make_tempdir(self)
+    damaged = os.path.join(runs, "dtd_killed", "results.json")
+    os.makedirs(os.path.dirname(damaged))
+    with open(damaged, "w") as f:
+      f.write('{"task": "dtd", "backbone": {"na')
+    # Alone, it is an error naming it.
+    self.assert_error_line(toy.run_python("-m", "h2t.report", runs), "no readable results.json", damaged)
+    # Among readable runs, it is skipped with a warning naming it; the report of the others is written.
+    write_json(os.path.join(runs, "dtd", "results.json"), fake_results("dtd", {"head2toe": 0.5}))
+    proc = toy.run_python("-m", "h2t.report", runs)
+    self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    self.assertIn(f"skipping {damaged}", proc.stderr)
+    self.assertIn("| Head2Toe | vit_b16 | 50.0 |", proc.stdout)
+    self.assertIn(f"`{damaged}`", proc.stdout)  # table.md's Skipped list
 
 
 def load_sweep_module():
@@ -256,22 +299,11 @@ class SweepTest(absltest.TestCase):
 
   def test_sweep_resumes_and_reports(self):
     root = make_tempdir(self)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [
-      sys.executable,
-      os.path.join(ROOT, "experiments", "vtab_sweep.py"),
-      "--config=" + os.path.join(ROOT, "configs", "vtab.py"),
-      f"--root={root}",
-      "--tasks=digits",
-      "--config.backbone.input_size=32",
-      "--config.backbone.additional_features_target_size=64",
-      "--config.learning.training_steps=20",
-      "--config.sweep=",
-      "--config.methods=('head2toe',)",
-    ]
+    args = [os.path.join(ROOT, "experiments", "vtab_sweep.py"), f"--config={toy.CONFIG}", f"--root={root}"]
+    args += ["--tasks=digits", *toy.fast(steps=20), toy.NO_GRID, "--config.methods=('head2toe',)"]
     # A run killed before it finished left a workdir without results.json: it is run again.
     os.makedirs(os.path.join(root, "efficientnet_lite0", "digits", "cache"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = toy.run_python(*args)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("[1/1] elapsed", proc.stderr)
     results_path = os.path.join(root, "efficientnet_lite0", "digits", "results.json")
@@ -282,15 +314,15 @@ class SweepTest(absltest.TestCase):
     mtime = os.path.getmtime(results_path)
 
     # Finished: skipped.
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = toy.run_python(*args)
     self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
     self.assertIn("1 finished before, 0 to run", proc.stderr)
     self.assertEqual(os.path.getmtime(results_path), mtime)
 
     # Finished with another config: refused before any work, naming the option.
     sweep = load_sweep_module()
-    config = load_config()
-    config.backbone.input_size = 32
+    config = vtab_config.get_config()
+    config.backbone.input_size = toy.FAST_INPUT_SIZE
     jobs = sweep.plan(root, ["efficientnet_lite0"], ["digits"])
     with self.assertRaisesRegex(
       ValueError,
