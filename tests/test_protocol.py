@@ -10,7 +10,7 @@ import time
 import numpy as np
 from absl.testing import absltest
 
-from h2t import evaluate
+from h2t import cache
 from tests import toy
 from tests.toy import results
 
@@ -122,11 +122,11 @@ class CacheFileTest(absltest.TestCase):
   def test_truncated_cache_file_is_not_used(self):
     with tempfile.TemporaryDirectory() as d:
       path = os.path.join(d, "c.npz")
-      evaluate._write_cache(path, {"a": np.ones((3, 2), np.float32)}, np.arange(3))  # noqa: SLF001
-      self.assertIsNotNone(evaluate._read_cache(path))  # noqa: SLF001
+      cache.write(path, {"a": np.ones((3, 2), np.float32)}, np.arange(3))
+      self.assertIsNotNone(cache.read(path))
       with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 10)
-      self.assertIsNone(evaluate._read_cache(path))  # noqa: SLF001
+      self.assertIsNone(cache.read(path))
 
   def test_changed_checkpoint_changes_the_cache_key(self):
     class FakeBackbone:
@@ -138,8 +138,8 @@ class CacheFileTest(absltest.TestCase):
     import configs.vtab as vtab_config
 
     bcfg = vtab_config.get_config().backbone
-    a = evaluate._cache_key(FakeBackbone("lite0.pth:aaaa"), "digits", "train800val200", ("stem",), bcfg)  # noqa: SLF001
-    b = evaluate._cache_key(FakeBackbone("lite0.pth:bbbb"), "digits", "train800val200", ("stem",), bcfg)  # noqa: SLF001
+    a = cache.cache_key(FakeBackbone("lite0.pth:aaaa"), "digits", "train800val200", ("stem",), bcfg)
+    b = cache.cache_key(FakeBackbone("lite0.pth:bbbb"), "digits", "train800val200", ("stem",), bcfg)
     self.assertNotEqual(a, b)
 
 
