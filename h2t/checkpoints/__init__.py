@@ -17,9 +17,10 @@ and reports damage as one `CheckpointError` naming the file):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,25 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   raise CheckpointError(
     f"checkpoint {path!r} has extension {ext!r}; expected one of .npz, .safetensors, .pth, .pt, .bin"
   )
+
+
+@contextlib.contextmanager
+def converting(path: str, what: str) -> Iterator[None]:
+  """Reports a converter's failure on tensors of unexpected ranks or sizes as a CheckpointError.
+
+  A converter reshapes and transposes what a file holds; a file of another
+  model, or a damaged one, makes numpy raise IndexError/ValueError/TypeError
+  far from the file. This names the file and the model it was read as.
+  """
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except (IndexError, ValueError, TypeError, KeyError) as e:
+    raise CheckpointError(
+      f"checkpoint {path!r} holds tensors of unexpected shapes for a {what} ({type(e).__name__}: {e}); "
+      f"is it a {what} checkpoint, and complete?"
+    ) from e
 
 
 def file_hash(path: str | os.PathLike, length: int = 16) -> str:
