@@ -107,6 +107,7 @@ def _torch_crafted(marker: str) -> dict[str, tuple[str, object]]:
     return {"w": craft.Tensor(s, offset, size, stride)}
 
   evil = {"w": _Call(os.system, f"touch {marker}")}
+  big = craft.Tensor(craft.Storage("0", np.zeros(1 << 18, np.float32)), 0, (1 << 18,), (1,))  # 1 MiB
   cases = {
     "stride_past_end": one(size=(4,), stride=(1_000_000,)),
     "stride_segfault": one(size=(4,), stride=(10**10,)),
@@ -128,6 +129,7 @@ def _torch_crafted(marker: str) -> dict[str, tuple[str, object]]:
     "eval_in_data_pkl": {"w": _Call(eval, "1+1")},
     "not_a_state_dict": [1, 2, 3],
     "non_tensor_value": {"w": 3},
+    "many_names_one_tensor": {f"w{i}": big for i in range(400)},  # 400 MiB from a 1 MiB file
   }
   out = {f"zip_{k}": ("zip", v) for k, v in cases.items()}
   out.update(

@@ -325,20 +325,14 @@ def _state_dict(obj, storages: dict[str, _StorageRef], budget: int) -> dict[str,
     if not isinstance(value, _LazyTensor):
       raise TorchPickleError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
     lazy[key] = value
-  # Each distinct tensor once: a crafted pickle can name one tensor under a million keys.
-  total = sum(t.numel * t.storage.dtype.itemsize for t in {id(t): t for t in lazy.values()}.values())
+  # Counted per name: a crafted pickle can name one tensor under a million keys.
+  total = sum(t.numel * t.storage.dtype.itemsize for t in lazy.values())
   if total > budget:
     raise TorchPickleError(
       f"its tensors would take {total} bytes, more than {EXPANSION_LIMIT} times the file's size "
-      "(sizes and strides that expand a small storage)"
+      "(sizes and strides that expand a small storage, or one tensor under very many names)"
     )
-  arrays: dict[int, np.ndarray] = {}
-  out = {}
-  for key, t in lazy.items():
-    if id(t) not in arrays:
-      arrays[id(t)] = t.materialise()
-    out[key] = arrays[id(t)]
-  return out
+  return {key: t.materialise() for key, t in lazy.items()}
 
 
 def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -351,8 +345,8 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
   Returns:
     The state dict with every tensor as a contiguous numpy array. A checkpoint
     that wraps the state dict (`{'state_dict': ...}` or `{'model': ...}`) is
-    unwrapped; tensors saved as views of one storage come back as separate
-    arrays (the same array when one tensor is saved under several names).
+    unwrapped; every name gets its own array, also where the file shares
+    storage between tensors (views, tied weights).
 
   Raises:
     TorchPickleError: the file is damaged, hostile, or not a state dict; the
