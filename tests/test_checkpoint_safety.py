@@ -107,10 +107,12 @@ class TorchStrideTest(CheckpointSafetyTestCase):
       "transposed": base.t(),
       "expanded": torch.ones(3).expand(5, 3),  # stride 0, as torch.save keeps it
       "empty": torch.zeros(0, 7),
+      "scalar": torch.tensor(7, dtype=torch.int64),
     }
     torch.save(sd, self.path("m.pth"), _use_new_zipfile_serialization=zip_layout)
     loaded = checkpoints.read_tensors(self.path("m.pth"))
     for key, value in sd.items():
+      self.assertIsInstance(loaded[key], np.ndarray, key)  # a 0-d tensor too, not a numpy scalar
       want = value.float().numpy() if value.dtype == torch.bfloat16 else value.numpy()
       self.assertEqual(loaded[key].shape, tuple(value.shape), key)
       np.testing.assert_array_equal(loaded[key].astype(want.dtype), want, err_msg=key)

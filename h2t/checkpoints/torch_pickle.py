@@ -108,7 +108,7 @@ class _LazyTensor(_Frozen):
     if self.numel == 0:
       return np.zeros(self.size, flat.dtype)
     if not self.size:
-      return flat[self.offset].copy()
+      return np.array(flat[self.offset])  # a 0-d array, not a numpy scalar
     # A dimension of size 1 never moves: stride 0 keeps numpy's byte strides small.
     strides = tuple(0 if n == 1 else s * flat.dtype.itemsize for n, s in zip(self.size, self.stride))
     view = np.lib.stride_tricks.as_strided(
