@@ -19,6 +19,9 @@ setup(
     "tensorboard>=2.15",  # clu's metric writers import it
     "tensorflow-cpu>=2.16",  # tf.data input pipeline only; never takes an accelerator
     "tensorflow-datasets>=4.9.6",
+    # TFDS 4.9 imports importlib_resources whenever a builder prepares data (h2t.data.prepare),
+    # but its metadata requires it only on Python < 3.9.
+    "importlib_resources>=5",
     "numpy>=1.26",
     "absl-py>=2.0",
     "scikit-learn>=1.3",

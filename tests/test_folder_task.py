@@ -119,7 +119,8 @@ class FolderLayoutTest(absltest.TestCase):
       im.save(os.path.join(root, name))
     self.assertTrue(folder.is_image_file("photo.JPEG"))
     self.assertFalse(folder.is_image_file(".hidden.png"))
-    for name, value in (("grey.png", 200), ("rgba.png", 100), ("palette.png", 50), ("photo.JPEG", 200)):
+    # rgba.png is colour 100 at alpha 100: composited on black, 100 * 100 / 255 = 39.
+    for name, value in (("grey.png", 200), ("rgba.png", 39), ("palette.png", 50), ("photo.JPEG", 200)):
       x = folder.load_image(os.path.join(root, name), 12)
       self.assertEqual(x.shape, (12, 12, 3))
       self.assertAlmostEqual(float(x.mean()), value, delta=2)

@@ -6,29 +6,34 @@ parameter tree of the h2t model. `merge_strict` then compares that tree with
 the tree the model expects and raises one error naming every missing,
 unexpected and mis-shaped parameter.
 
-Readers:
+Readers (a checkpoint is untrusted input: each reader checks every size,
+offset and dtype a file declares before it reads, runs no code from the file,
+and reports damage as one `CheckpointError` naming the file):
   * `.pth` / `.pt` / `.bin`: PyTorch state dicts, read without torch
     (`torch_pickle`).
-  * `.safetensors`: read with `safetensors.numpy`.
-  * `.npz`: numpy archives (the Google ViT checkpoints).
+  * `.safetensors`: `tensor_files.read_safetensors`.
+  * `.npz`: numpy archives (the Google ViT checkpoints), `tensor_files.read_npz`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
-
-from h2t.checkpoints import torch_pickle
 
 Tree = Any  # nested dict of arrays
 
 
 class CheckpointError(ValueError):
-  """A checkpoint file is missing, unreadable, or does not fit the model."""
+  """A checkpoint file is missing, unreadable, damaged, or does not fit the model.
+
+  A ValueError, so that callers that report ValueErrors (h2t.main's `error:`
+  line) report it too.
+  """
 
 
 def flatten(tree: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
@@ -63,30 +68,60 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   The format is chosen by the extension: `.npz`, `.safetensors`, or a PyTorch
   pickle (`.pth`, `.pt`, `.bin`).
+
+  Raises:
+    CheckpointError: the file is missing, has another extension, or is
+      damaged; the message names the file and what is wrong.
   """
+  # Imported here: the readers import CheckpointError from this module.
+  from h2t.checkpoints import tensor_files, torch_pickle
+
   path = os.fspath(path)
   if not os.path.exists(path):
     raise CheckpointError(
       f"checkpoint file {path!r} does not exist; see README.md ('Real checkpoints') for where to download it"
     )
+  if os.path.isdir(path):
+    raise CheckpointError(f"checkpoint {path!r} is a folder; expected a checkpoint file")
   ext = os.path.splitext(path)[1].lower()
-  try:
-    if ext == ".npz":
-      with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-    if ext == ".safetensors":
-      from safetensors.numpy import load_file
-
-      return dict(load_file(path))
-    if ext in (".pth", ".pt", ".bin"):
-      return torch_pickle.load(path)
-  except CheckpointError:
-    raise
-  except Exception as e:  # noqa: BLE001 -- re-raised with the file name.
-    raise CheckpointError(f"could not read checkpoint {path!r}: {e}") from e
+  readers = {
+    ".npz": tensor_files.read_npz,
+    ".safetensors": tensor_files.read_safetensors,
+    ".pth": torch_pickle.load,
+    ".pt": torch_pickle.load,
+    ".bin": torch_pickle.load,
+  }
+  if ext in readers:
+    try:
+      return readers[ext](path)
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 -- whatever a damaged file sets off, it is reported as one error.
+      raise CheckpointError(
+        f"checkpoint {path!r} is damaged or unreadable ({type(e).__name__}: {e}); download or save it again"
+      ) from e
   raise CheckpointError(
     f"checkpoint {path!r} has extension {ext!r}; expected one of .npz, .safetensors, .pth, .pt, .bin"
   )
+
+
+@contextlib.contextmanager
+def converting(path: str, what: str) -> Iterator[None]:
+  """Reports a converter's failure on tensors of unexpected ranks or sizes as a CheckpointError.
+
+  A converter reshapes and transposes what a file holds; a file of another
+  model, or a damaged one, makes numpy raise IndexError/ValueError/TypeError
+  far from the file. This names the file and the model it was read as.
+  """
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except (IndexError, ValueError, TypeError, KeyError) as e:
+    raise CheckpointError(
+      f"checkpoint {path!r} holds tensors of unexpected shapes for a {what} ({type(e).__name__}: {e}); "
+      f"is it a {what} checkpoint, and complete?"
+    ) from e
 
 
 def file_hash(path: str | os.PathLike, length: int = 16) -> str:

@@ -40,9 +40,17 @@ class Task:
   read: Callable[[str, int, int], Iterator[Batch]]
 
   def batches(self, split: str, batch_size: int, *, image_size: int) -> Iterator[Batch]:
-    """Yields `(images, labels)` batches of `split` in a fixed order."""
+    """Yields `(images, labels)` batches of `split` in a fixed order.
+
+    Labels come out int32; a batch whose labels are not integers in
+    `[0, num_classes)` raises ValueError (see `check_labels`).
+    """
     self.check_split(split)
-    return self.read(split, batch_size, image_size)
+    return self._checked(split, self.read(split, batch_size, image_size))
+
+  def _checked(self, split: str, batches: Iterator[Batch]) -> Iterator[Batch]:
+    for images, labels in batches:
+      yield images, check_labels(labels, self.num_classes, where=f"task {self.name!r}, split {split!r}")
 
   def size(self, split: str) -> int:
     self.check_split(split)
@@ -58,6 +66,39 @@ class Task:
     """The whole split in memory: `(images [n, h, w, 3], labels [n])`."""
     images, labels = zip(*self.batches(split, batch_size, image_size=image_size))
     return np.concatenate(images), np.concatenate(labels)
+
+
+def check_labels(labels, num_classes: int, *, where: str) -> np.ndarray:
+  """Labels as int32 `[n]`, refusing any that is not an integer in `[0, num_classes)`.
+
+  Integer and boolean arrays pass; a float array passes only when every value
+  is a whole number (`3.0`), since casting `2.7` to int would silently make it
+  class 2. Anything else (fractions, NaN, strings, objects, another rank) is a
+  ValueError naming `where`, the first offending label and its index.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f"{where}: labels must be a 1-D array of class indices, got shape {labels.shape}")
+  if labels.dtype.kind == "f":
+    whole = np.isfinite(labels) & (labels == np.round(labels))
+    if not whole.all():
+      i = int(np.flatnonzero(~whole)[0])
+      raise ValueError(
+        f"{where}: label {labels[i].item()!r} at index {i} is not a whole number; labels are class indices "
+        f"in [0, {num_classes}) (cast deliberately, e.g. np.rint(labels).astype(int), if that is meant)"
+      )
+  elif labels.dtype.kind not in "biu":
+    raise ValueError(
+      f"{where}: labels have dtype {labels.dtype}; expected integer class indices in [0, {num_classes})"
+    )
+  outside = (labels < 0) | (labels >= num_classes)
+  if outside.any():
+    i = int(np.flatnonzero(outside)[0])
+    raise ValueError(
+      f"{where}: label {labels[i].item()!r} at index {i} is outside [0, {num_classes}) "
+      f"({int(outside.sum())} of {len(labels)} labels are); num_classes is {num_classes}"
+    )
+  return labels.astype(np.int32)
 
 
 def fold_indices(fold: int, n: int = 1000, num_folds: int = NUM_FOLDS) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +123,20 @@ def fold_indices(fold: int, n: int = 1000, num_folds: int = NUM_FOLDS) -> tuple[
 
 
 def array_task(name: str, num_classes: int, splits: Mapping[str, Batch]) -> Task:
-  """A task whose splits are in-memory arrays `{split: (images, labels)}`."""
+  """A task whose splits are in-memory arrays `{split: (images, labels)}`.
+
+  Raises:
+    ValueError: a split whose label count differs from its image count, or
+      a label that is not an integer in `[0, num_classes)` (`check_labels`).
+  """
+  if not (isinstance(num_classes, (int, np.integer)) and num_classes >= 1):
+    raise ValueError(f"task {name!r}: num_classes must be a positive integer, got {num_classes!r}")
+  checked = {}
   for split, (images, labels) in splits.items():
     if len(images) != len(labels):
       raise ValueError(f"{name}/{split}: {len(images)} images but {len(labels)} labels")
+    checked[split] = (images, check_labels(labels, num_classes, where=f"task {name!r}, split {split!r}"))
+  splits = checked
 
   def read(split: str, batch_size: int, image_size: int) -> Iterator[Batch]:
     del image_size  # the backbone resizes on the device

@@ -18,8 +18,9 @@ folds of `h2t.data.base.fold_indices` mix the classes. As for the other tasks,
 'train800val200' is the whole training set; 'train800' and 'val200' are its
 first 80% and last 20%.
 
-Files are decoded with Pillow (EXIF rotation applied; grey, palette and alpha
-images become RGB) and resized to the backbone's input size with Pillow's
+Files are decoded with Pillow (EXIF rotation applied; every mode becomes 8-bit
+RGB with its contrast kept: 16-bit grey is scaled, not clipped, and
+transparent pixels are composited on black; see `to_rgb`) and resized to the backbone's input size with Pillow's
 bilinear filter, which antialiases when shrinking: user photos are often ten
 times the input size, where unfiltered bilinear sampling would alias.
 `h2t.predict` reads files through the same `load_image`, so a head sees new
@@ -85,13 +86,48 @@ def short_name(name: str) -> str:
   return "folder_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", base_name)
 
 
+def to_rgb(im):
+  """Any Pillow mode -> 8-bit RGB with its contrast kept.
+
+  * 16-bit greyscale ('I;16', 'I;16B', ...; 'I' is read as 16-bit too, the
+    range PNG stores): 0..65535 is scaled to 0..255 (v / 257, rounded), where
+    Pillow's own conversion would clip everything above 255 to white.
+  * 'F' (float): values are taken as 0..255 and clipped, as Pillow does.
+  * Transparency (modes with alpha: 'LA', 'PA', 'RGBA', ...; palette or grey
+    or RGB images with a tRNS transparent colour) is composited on black:
+    a pixel becomes `colour * alpha / 255`, so whatever colour a transparent
+    pixel hides in the file, it reads as black.
+  * Everything else ('1', 'L', 'P', 'CMYK', 'YCbCr', 'LAB', ...) through
+    Pillow's `convert('RGB')`.
+  """
+  from PIL import Image
+
+  if im.mode == "I" or im.mode.startswith("I;16"):
+    grey = np.clip(np.asarray(im).astype(np.float64), 0, 65535) / 257.0
+    im = Image.fromarray(np.round(grey).astype(np.uint8))
+  elif im.mode == "F":
+    grey = np.clip(np.nan_to_num(np.asarray(im, np.float64)), 0, 255)
+    im = Image.fromarray(np.round(grey).astype(np.uint8))
+  if "A" in im.mode or "a" in im.mode or "transparency" in im.info:
+    rgba = np.asarray(im.convert("RGBA"), np.uint32)
+    rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255
+    return Image.fromarray(rgb.astype(np.uint8))
+  return im.convert("RGB")
+
+
 def load_image(path: str, image_size: int) -> np.ndarray:
   """Reads an image file as `[image_size, image_size, 3]` uint8 RGB.
 
-  Decoding applies the EXIF orientation and converts any mode to RGB; the
-  resize to a square (no crop) is Pillow's bilinear filter, antialiased when
-  shrinking. This is the one way h2t reads image files, for training
-  (folder tasks) and prediction (`h2t.predict`) alike.
+  Decoding applies the EXIF orientation and converts any mode to RGB with
+  its contrast kept (`to_rgb`: 16-bit scaled to 8-bit, transparency
+  composited on black); the resize to a square (no crop) is Pillow's
+  bilinear filter, antialiased when shrinking. This is the one way h2t reads
+  image files, for training (folder tasks) and prediction (`h2t.predict`)
+  alike.
+
+  Raises:
+    ValueError: the file is not a readable image (damaged, truncated, not an
+      image, or too large to decode); the message names the file.
   """
   from PIL import Image, ImageOps
 
@@ -99,12 +135,14 @@ def load_image(path: str, image_size: int) -> np.ndarray:
     with Image.open(path) as im:
       # JPEG only: decode directly at a reduced scale (>= the target size); much faster for photos.
       im.draft("RGB", (image_size, image_size))
-      im = ImageOps.exif_transpose(im).convert("RGB")
+      im = to_rgb(ImageOps.exif_transpose(im))
       if im.size != (image_size, image_size):
         im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
       return np.asarray(im, np.uint8)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"cannot read image {path!r}: {e}") from e
+  except Exception as e:  # noqa: BLE001 -- a file is untrusted input: whatever its decoder raises, one message.
+    raise ValueError(
+      f"cannot read image {path!r} ({type(e).__name__}: {e}); is it a complete PNG or JPEG file?"
+    ) from e
 
 
 def load_images(paths: Sequence[str], image_size: int) -> np.ndarray:

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -43,17 +45,29 @@ def load_digits() -> base.Task:
 
 
 def read_idx(path: str) -> np.ndarray:
-  """Reads an IDX file (optionally gzipped) as a numpy array."""
+  """Reads an IDX file (optionally gzipped) as a numpy array.
+
+  Raises:
+    ValueError: the file is damaged, truncated, or not an unsigned-byte IDX
+      file; the message names it.
+  """
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as e:
+    raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e}); is the download complete?") from e
+  if len(data) < 4:
+    raise ValueError(f"{path}: {len(data)} bytes, too short for an IDX header; truncated?")
   zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
   if zero != 0 or dtype_code != 0x08:
     raise ValueError(f"{path}: not an unsigned-byte IDX file")
+  if len(data) < 4 + 4 * ndim:
+    raise ValueError(f"{path}: the file ends inside its header of {ndim} dimensions; truncated?")
   shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
   array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
-  if array.size != int(np.prod(shape)):
-    raise ValueError(f"{path}: expected {int(np.prod(shape))} values, found {array.size}; truncated?")
+  if array.size != math.prod(shape):
+    raise ValueError(f"{path}: expected {math.prod(shape)} values, found {array.size}; truncated?")
   return array.reshape(shape)
 
 

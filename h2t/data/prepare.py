@@ -17,8 +17,10 @@ with the command above.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
@@ -36,7 +38,16 @@ PACKAGES_NEEDED = {
   "oxford_flowers102": ("scipy",),
   "svhn_cropped": ("scipy",),
 }
-PIP_NAMES = {"cv2": "opencv-python-headless", "h5py": "h5py", "scipy": "scipy"}
+# Modules every TFDS build imports: tensorflow-datasets 4.9 imports
+# importlib_resources when a builder prepares data, but its package metadata
+# requires it only on Python < 3.9 (setup.py installs it for that reason).
+MODULES_EVERY_BUILD = ("importlib_resources",)
+PIP_NAMES = {
+  "cv2": "opencv-python-headless",
+  "h5py": "h5py",
+  "scipy": "scipy",
+  "importlib_resources": "importlib_resources",
+}
 
 RESISC45_FILES = """\
 resisc45 needs a manual download (TFDS cannot fetch it):
@@ -101,10 +112,47 @@ def missing_manual_files(spec: vtab.VtabTask, manual_dir: str) -> list[str]:
   return [os.path.join(manual_dir, p) for p in needed if not os.path.exists(os.path.join(manual_dir, p))]
 
 
+def _importable(module: str) -> bool:
+  try:
+    importlib.import_module(module)
+  except Exception:  # noqa: BLE001 -- missing or broken: either way TFDS cannot use it.
+    return False
+  return True
+
+
 def missing_packages(spec: vtab.VtabTask) -> list[str]:
-  """pip packages TFDS needs to build this dataset that are not installed."""
-  modules = PACKAGES_NEEDED.get(builder_name(spec), ())
-  return [PIP_NAMES[m] for m in modules if importlib.util.find_spec(m) is None]
+  """pip packages TFDS needs to build this dataset that are not installed (or do not import)."""
+  modules = MODULES_EVERY_BUILD + PACKAGES_NEEDED.get(builder_name(spec), ())
+  return [PIP_NAMES[m] for m in modules if not _importable(m)]
+
+
+def missing_packages_message(names: Sequence[str]) -> str | None:
+  """One sentence with the pip command that installs what preparing `names` needs, or None."""
+  by_package: dict[str, list[str]] = {}
+  for name in names:
+    for package in missing_packages(vtab.TASKS[name]):
+      by_package.setdefault(package, []).append(name)
+  if not by_package:
+    return None
+  needs = "; ".join(f"{p} (for {', '.join(tasks)})" for p, tasks in by_package.items())
+  return (
+    f"preparing these tasks needs Python packages that are not installed: {needs}. "
+    f"Install them with: pip install {' '.join(by_package)}"
+  )
+
+
+def unwritable_data_dir(root: str) -> str | None:
+  """Why TFDS could not write into `root` (created if missing), or None when it can."""
+  try:
+    os.makedirs(root, exist_ok=True)
+    with tempfile.TemporaryFile(dir=root):
+      pass
+  except OSError as e:
+    return (
+      f"cannot write into the data directory {root!r} ({e.strerror or e}); "
+      "pass --data_dir=DIR with a folder you can write, or set TFDS_DATA_DIR"
+    )
+  return None
 
 
 def prepare(
@@ -178,6 +226,11 @@ def _prepare_group(
   out(f"prepare  {label}: {builder.name}:{builder.version} into {root} (large downloads; can take hours) ...")
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except ModuleNotFoundError as e:
+    out(
+      f"FAILED   {label}: TFDS needs the Python module {e.name!r}: pip install {PIP_NAMES.get(e.name, e.name)}"
+    )
+    return False
   except Exception as e:  # noqa: BLE001 -- report every failing task, then exit non-zero
     out(f"FAILED   {label}: {type(e).__name__}: {e}")
     return False
@@ -186,14 +239,25 @@ def _prepare_group(
 
 
 def main(argv: Sequence[str]) -> int:
+  """Exit status 0 when every task is ready; a user's mistake ends in one `error:` line."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  names = parse_tasks(_TASKS.value)
-  ready = prepare(
-    names, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value, download=not _CHECK_ONLY.value
-  )
-  if not ready and not _CHECK_ONLY.value:
-    print("Some tasks are not ready; see above. Run the command again once they are fixed.")
+  try:
+    names = parse_tasks(_TASKS.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  download = not _CHECK_ONLY.value
+  if download:
+    problem = missing_packages_message(names) or unwritable_data_dir(
+      _DATA_DIR.value or vtab.default_data_dir()
+    )
+    if problem:
+      sys.exit(f"error: {problem}")
+  ready = prepare(names, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value, download=download)
+  if not ready and download:
+    sys.exit(
+      "error: some tasks are not ready (see the lines above); run the command again once they are fixed"
+    )
   return 0 if ready else 1
 
 

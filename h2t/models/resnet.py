@@ -207,8 +207,10 @@ def load(checkpoint: str | None, *, input_size: int | None = None) -> common.Loa
   if checkpoint is None:
     raise checkpoints.CheckpointError(DOWNLOAD_HELP)
   checkpoint = os.fspath(checkpoint)
-  converted = torch_layouts.resnet_from_torch(checkpoints.read_tensors(checkpoint), source=checkpoint)
-  module = from_params(converted)
+  tensors = checkpoints.read_tensors(checkpoint)
+  with checkpoints.converting(checkpoint, "ResNet"):
+    converted = torch_layouts.resnet_from_torch(tensors, source=checkpoint)
+    module = from_params(converted)
   size = input_size or INPUT_SIZE
   expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
   params = checkpoints.merge_strict(converted, expected["params"], source=checkpoint)

@@ -218,21 +218,24 @@ def load(checkpoint: str | None, *, input_size: int | None = None) -> common.Loa
   checkpoint = os.fspath(checkpoint)
   tensors = checkpoints.read_tensors(checkpoint)
   google = checkpoint.lower().endswith(".npz")
-  if google:
-    converted = google_vit.convert(tensors, source=checkpoint)
-  else:
-    converted = torch_layouts.vit_from_timm(tensors, source=checkpoint)
-  module = from_params(converted, gelu_approximate=google)
-  flat = checkpoints.flatten(converted)
-  if google_vit.POSEMB not in flat:
-    raise checkpoints.CheckpointError(f"checkpoint {checkpoint!r} has no position embeddings")
-  grid = google_vit.grid_size(flat[google_vit.POSEMB])
-  size = input_size or grid * module.patch
-  if size % module.patch:
-    raise checkpoints.CheckpointError(f"input_size {size} is not a multiple of the patch size {module.patch}")
-  flat[google_vit.POSEMB] = google_vit.resample_position_embeddings(
-    flat[google_vit.POSEMB], size // module.patch
-  )
+  with checkpoints.converting(checkpoint, "ViT"):
+    if google:
+      converted = google_vit.convert(tensors, source=checkpoint)
+    else:
+      converted = torch_layouts.vit_from_timm(tensors, source=checkpoint)
+    module = from_params(converted, gelu_approximate=google)
+    flat = checkpoints.flatten(converted)
+    if google_vit.POSEMB not in flat:
+      raise checkpoints.CheckpointError(f"checkpoint {checkpoint!r} has no position embeddings")
+    grid = google_vit.grid_size(flat[google_vit.POSEMB])
+    size = input_size or grid * module.patch
+    if size % module.patch:
+      raise checkpoints.CheckpointError(
+        f"input_size {size} is not a multiple of the patch size {module.patch}"
+      )
+    flat[google_vit.POSEMB] = google_vit.resample_position_embeddings(
+      flat[google_vit.POSEMB], size // module.patch
+    )
   expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
   params = checkpoints.merge_strict(checkpoints.unflatten(flat), expected["params"], source=checkpoint)
   logging.info("%s: %s at %d px", checkpoint, module, size)
