@@ -234,11 +234,9 @@ def fit(
     learning = finetune_learning(learning)
   spec = step_spec(learning, tap=tap, train_backbone=train_backbone)
   steps, batch_size = int(learning.training_steps), int(learning.train_batch_size)
-  labels = np.asarray(labels, np.int32)
+  labels = base.check_labels(labels, num_classes, where="finetune.fit(labels)")
   if len(labels) != len(images):
     raise ValueError(f"{len(images)} images but {len(labels)} labels")
-  if labels.min() < 0 or labels.max() >= num_classes:
-    raise ValueError(f"labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes})")
 
   flat = _flat(backbone.params)
   frozen = {k: v for k, v in flat.items() if not is_trainable(k, train_backbone=train_backbone)}

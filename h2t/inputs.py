@@ -98,19 +98,11 @@ def prepare(features: Mapping[str, np.ndarray]) -> Prepared:
 
 
 def check_labels(labels, num_classes: int | None = None) -> np.ndarray:
-  """`labels` as int32 `[n]`; non-integer values or labels outside `[0, num_classes)` are an error."""
-  arr = np.asarray(labels)
-  if arr.ndim != 1:
-    raise ValueError(f"labels have shape {arr.shape}; expected one integer label per example, [n]")
-  if not np.issubdtype(arr.dtype, np.integer):
-    if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr) & (arr == np.round(arr))):
-      raise ValueError(
-        f"labels must be integers; got dtype {arr.dtype} with values such as {arr[:3].tolist()}"
-      )
-  if arr.size and (arr.min() < 0 or (num_classes is not None and arr.max() >= num_classes)):
-    limit = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-    raise ValueError(f"labels span [{arr.min()}, {arr.max()}]; expected labels in {limit}")
-  return arr.astype(np.int32)
+  """`labels` as int32 `[n]` for `fit`: whole numbers in `[0, num_classes)` (any non-negative when None)."""
+  from h2t.data import base as data_base
+
+  limit = np.iinfo(np.int32).max if num_classes is None else int(num_classes)
+  return data_base.check_labels(labels, limit, where="fit(labels)")
 
 
 def training_subset(

@@ -57,7 +57,14 @@ class Method:
     if self.selects:
       return learning
     plain = ml_collections.ConfigDict(learning.to_dict())
-    plain.feature_selection.type = "none"
+    # Without selection the selection options do nothing: reset them, so grid
+    # points that differ only there are one run (`grid.plan`).
+    fs = plain.feature_selection
+    fs.type, fs.keep_fraction, fs.keep_fraction_offset = "none", 1.0, 0
+    fs.mean_interpolation_coef, fs.average_over_k = 0.0, 1
+    if "fs_dataset" in fs:
+      fs.fs_dataset = ""
+    fs.learning_config_overwrite = ml_collections.ConfigDict()
     return plain
 
   def features(self, feats: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
