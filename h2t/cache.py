@@ -18,7 +18,7 @@ import os
 import numpy as np
 from absl import logging
 
-from h2t import features, files
+from h2t import files, multihost
 
 CACHE_VERSION = 1
 TRAIN_SPLIT = "train800val200"
@@ -85,13 +85,18 @@ def write(path: str, feats: dict[str, np.ndarray], labels: np.ndarray) -> bool:
 def train_features(
   backbone, task, taps, bcfg, cache_dir: str
 ) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
-  """Pooled features of the 1000 training images: `({tap: [n, d]}, labels [n], from_cache)`."""
+  """Pooled features of the 1000 training images: `({tap: [n, d]}, labels [n], from_cache)`.
+
+  With several processes each extracts its share of the images and all get the gathered features.
+  """
   path = os.path.join(cache_dir, cache_key(backbone, task.name, TRAIN_SPLIT, taps, bcfg) + ".npz")
-  cached = read(path)
-  if cached is not None:
+  # Several processes: process 0 alone reads and writes the cache and hands what it read to the others.
+  cached = read(path) if multihost.is_writer() else None
+  if multihost.writer_decides(cached is not None):
     logging.info("read training features from %s", path)
-    return cached[0], cached[1], True
-  feats, labels = features.extract_task_split(
+    feats, labels = multihost.from_writer(*(cached or (None, None)))
+    return feats, labels, True
+  feats, labels = multihost.extract_task_split(
     backbone,
     task,
     TRAIN_SPLIT,
@@ -101,7 +106,7 @@ def train_features(
     cls_token_pool=bcfg.cls_token_pool,
     pool_size=int(bcfg.additional_features_pool_size),
   )
-  if os.path.isdir(cache_dir) or _makedirs(cache_dir):
+  if multihost.is_writer() and (os.path.isdir(cache_dir) or _makedirs(cache_dir)):
     files.sweep_temporaries(cache_dir, older_than_s=3600)
     write(path, feats, labels)
   return feats, labels, False

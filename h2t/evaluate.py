@@ -17,6 +17,7 @@ previous complete outputs or no results.json, never a mix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -29,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from h2t import backbones, cache, data, features, files, grid, head2toe
+from h2t import backbones, cache, data, features, files, grid, head2toe, multihost
 from h2t import config as config_lib
 from h2t import methods as methods_lib
 from h2t.data import base
@@ -250,7 +251,9 @@ def stream_test(networks, task, heads: dict[str, Head], batch_size: int) -> dict
 
   Heads are grouped by network and pooling settings (`head.meta`); each group
   reads the test set once, pools only the taps its heads kept, and no batch
-  outlives its step, so memory does not grow with the test set.
+  outlives its step, so memory does not grow with the test set. With several
+  processes each runs its share of the batches (`multihost.own_batches`) and
+  the correct counts are summed over the processes.
   """
   groups: dict[tuple, dict[str, Head]] = {}
   for name, head in heads.items():
@@ -268,7 +271,7 @@ def stream_test(networks, task, heads: dict[str, Head], batch_size: int) -> dict
     n = 0
     for feats, labels in features.extract_batches(
       backbone,
-      task.batches("test", batch_size, image_size=backbone.input_size),
+      multihost.own_batches(task.batches("test", batch_size, image_size=backbone.input_size)),
       taps=taps,
       target_size=target_size,
       batch_size=batch_size,
@@ -279,7 +282,9 @@ def stream_test(networks, task, heads: dict[str, Head], batch_size: int) -> dict
       for name, head in members.items():
         correct[name] += int((head.predict(feats).argmax(-1) == labels).sum())
       n += len(labels)
-  return {name: c / n for name, c in correct.items()}
+  counted = multihost.sum_counts({**correct, "__images__": n})
+  n = counted.pop("__images__")
+  return {name: c / n for name, c in counted.items()}
 
 
 def _peak_rss_mib() -> float:
@@ -326,12 +331,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
   fold accuracy, the first on ties; skipped when the grid has one point),
   which is then trained on all 1000 images and tested on the test split.
 
+  With several processes (`h2t.multihost`) every process runs this with the
+  same config and gets the same results; process 0 alone writes them.
+
   Returns:
     The results dict written to `workdir/results.json`.
   """
   validate(config)
   ctx = Context(config, workdir, grid.points(config), methods_lib.selected(config.methods))
-  with files.workdir_lock(workdir):
+  writes = multihost.is_writer()  # several processes: process 0 alone touches the workdir
+  with files.workdir_lock(workdir) if writes else contextlib.nullcontext():
     load(ctx)
     extract(ctx)
     results = _header(ctx)
@@ -345,8 +354,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
     results["timings_s"] = ctx.timings
     results["peak_rss_mib"] = _peak_rss_mib()
     results["devices"] = [str(d) for d in jax.devices()]
-    commit(workdir, heads, results)
-  if writer is not None:
+    results["num_processes"] = jax.process_count()
+    if writes:
+      commit(workdir, heads, results)
+  if writes and writer is not None:
     write_scalars(writer, results)
   return results
 

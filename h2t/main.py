@@ -4,6 +4,10 @@ Overrides follow ml_collections: `--config.dataset=fashion_mnist`,
 `--config.learning.feature_selection.keep_fraction=0.05`. A field given on
 the command line wins over `config.sweep`, which then drops that field.
 Every failure ends in one `error:` line; its traceback goes to WORKDIR/log.txt.
+
+Several processes (hosts): `--multihost --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I` on each (or `--multihost` alone where JAX
+detects the cluster: TPU pods, SLURM, Open MPI); see `h2t.multihost`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
   "multihost",
   False,
-  "Call jax.distributed.initialize() first: a multi-host run, settings from the environment.",
+  "One run over several processes (hosts): joins them with jax.distributed.initialize, using "
+  "--coordinator_address, --num_processes and --process_id, or JAX's cluster detection when none is given.",
+)
+flags.DEFINE_string("coordinator_address", None, "--multihost: HOST:PORT of process 0 (the coordinator).")
+flags.DEFINE_integer("num_processes", None, "--multihost: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "--multihost: this process's index, 0 .. num_processes - 1.")
+flags.DEFINE_integer(
+  "multihost_timeout_s", 300, "--multihost: seconds to wait for every process to join before giving up."
 )
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/vtab.py).", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -51,31 +62,53 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from h2t import config as config_lib
+  from h2t import multihost
 
   config, workdir = FLAGS.config, FLAGS.workdir
   try:
-    dropped = config_lib.resolve_cli_overrides(config, config_lib.cli_keys(sys.argv[1:]))
-    config_lib.validate(config)
+    spec = multihost.resolve(
+      FLAGS.multihost,
+      FLAGS.coordinator_address,
+      FLAGS.num_processes,
+      FLAGS.process_id,
+      FLAGS.multihost_timeout_s,
+    )
   except ValueError as e:
     sys.exit(f"error: {e}")
+  if spec is not None:
+    # Joined first, so that any later failure, on any process, stops them all (multihost.abort).
+    _hide_gpus_from_tensorflow()
+    try:
+      multihost.initialize(spec)
+    except RuntimeError as e:
+      sys.exit(f"error: {e}")
+  fail = multihost.abort  # sys.exit in a one-process run
   try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    sys.exit(f"error: cannot create --workdir={workdir}: {e.strerror or e}; choose a writable folder")
-  _log_to_file(workdir)
+    dropped = config_lib.resolve_cli_overrides(config, config_lib.cli_keys(sys.argv[1:]))
+    config_lib.validate(config)
+    if spec is not None:
+      multihost.check_same("the config", config.to_json(sort_keys=True))
+  except ValueError as e:
+    fail(f"error: {e}")
+  writes = spec is None or multihost.is_writer()  # process 0 alone writes the workdir
+  if writes:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      fail(f"error: cannot create --workdir={workdir}: {e.strerror or e}; choose a writable folder")
+    _log_to_file(workdir)
+  else:
+    _TRACE.addHandler(py_logging.StreamHandler())  # no log.txt here: tracebacks go to stderr
   for path in dropped:
     logging.info("config.%s was given on the command line: the sweep no longer varies it", path)
   _hide_gpus_from_tensorflow()
   import jax
-
-  if FLAGS.multihost:
-    jax.distributed.initialize()
   from clu import metric_writers
 
   from h2t import evaluate
 
   logging.info("JAX devices: %s", jax.devices())
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not writes)
   writer.write_hparams(
     {k: v for k, v in config_lib.flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
   )
@@ -89,11 +122,14 @@ def main(argv):
       if isinstance(e, (ValueError, OSError, FloatingPointError, RuntimeError))
       else f"{type(e).__name__}: "
     )
-    sys.exit(f"error: {kind}{e} (details: {os.path.join(workdir, 'log.txt')})")
+    details = f" (details: {os.path.join(workdir, 'log.txt')})" if writes else ""
+    fail(f"error: {kind}{e}{details}")
   finally:
     writer.close()
+  multihost.finish()
   print("\n".join(evaluate.summary_lines(results)))
-  print(f"results: {os.path.join(workdir, 'results.json')}")
+  if writes:
+    print(f"results: {os.path.join(workdir, 'results.json')}")
 
 
 def _load_config_file(spec: str):
