@@ -199,6 +199,7 @@ def _exit(line: str, code: int = 1) -> None:
   `os._exit` skips `jax.distributed.shutdown`'s barrier, which would wait for
   processes that are stopping too.
   """
+  logging.error("%s", line)  # process 0: into log.txt too
   print(line, file=sys.stderr, flush=True)
   sys.stdout.flush()
   for handler in logging.get_absl_logger().handlers + __import__("logging").getLogger("h2t.trace").handlers:
