@@ -183,6 +183,39 @@ class FailureTest(absltest.TestCase):
     self.assertFalse(os.path.exists(os.path.join(workdirs[0], "results.json")))
     self.assertFalse(os.path.exists(workdirs[1]))
 
+  def test_processes_with_different_configs_refuse_to_run(self):
+    tmp = toy.make_tempdir(self)
+    workdirs = [os.path.join(tmp, "w0"), os.path.join(tmp, "w1")]
+    port = free_port()
+    procs = [
+      subprocess.Popen(
+        toy.main_command(
+          workdirs[i],
+          f"--config.seed={i}",  # the mistake: process 1's command line differs
+          "--multihost",
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+          fast=FAST,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=toy.environ(ENV),
+        cwd=toy.ROOT,
+      )
+      for i in range(2)
+    ]
+    for i, (rc, _, err) in enumerate(finish(procs, timeout=180)):
+      self.assertNotEqual(rc, 0)
+      lines = error_lines(err)
+      self.assertLen(lines, 1, err[-3000:])
+      self.assertIn(
+        f"error: process {i} of 2: the config of process(es) 1 differs from process 0's", lines[0]
+      )
+    self.assertFalse(os.path.exists(workdirs[1]))
+    self.assertFalse(os.path.exists(os.path.join(workdirs[0], "results.json")))
+
 
 class FlagsTest(absltest.TestCase):
   def test_settings_are_checked(self):
