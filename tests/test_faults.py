@@ -59,7 +59,9 @@ class NumericsTest(absltest.TestCase):
 class HeadFileTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
-    self.tmp = self.create_tempdir().full_path
+    self._tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(self._tmp.cleanup)
+    self.tmp = self._tmp.name
     feats, labels = toy.two_taps()
     self.head = head2toe.fit(feats, labels, toy.learning(5), seed=0)
     self.path = os.path.join(self.tmp, "head.npz")
