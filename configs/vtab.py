@@ -93,6 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.learning.finetune_steps_multiplier = 1.0
   # Train on a balanced k-shot subset, k = max(int(1000 * fraction / classes), 1).
   config.learning.data_fraction = 1.0
+  # Probe matmuls: 'highest' (full float32 on every device), 'high' or 'default'
+  # (the platform's fastest: TF32 on NVIDIA GPUs, bfloat16 passes on TPUs).
+  config.learning.precision = "highest"
 
   fs = config.learning.feature_selection = ml_collections.ConfigDict()
   # connectivity_l2 (the paper's), connectivity_l1, connectivity_linf,

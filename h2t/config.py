@@ -142,6 +142,7 @@ LEARNING_FIELDS: dict[str, Field] = {
   "finetune_lr_multiplier": Field(_number(float, 0.0, low_open=True)),
   "finetune_steps_multiplier": Field(_number(float, 0.0, low_open=True)),
   "data_fraction": Field(_number(float, 0.0, 1.0, low_open=True)),
+  "precision": Field(_choice(("highest", "high", "default"))),
   "feature_selection.type": Field(_choice(selection.TYPES)),
   "feature_selection.keep_fraction": Field(_number(float, 0.0, 1.0, low_open=True)),
   "feature_selection.keep_fraction_offset": Field(_number(int, 0)),

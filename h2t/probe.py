@@ -361,19 +361,13 @@ def train_heads(
 
 @functools.partial(jax.jit, static_argnames=("spec", "num_groups"))
 def train(
-  x: jax.Array,
-  y: jax.Array,
-  hp: HParams,
-  key: jax.Array,
-  *,
-  spec: TrainSpec,
-  groups: jax.Array | None = None,
-  num_groups: int = 0,
-) -> tuple[Params, jax.Array]:
+  x: jax.Array, y: jax.Array, hp: HParams, key: jax.Array, *, spec: TrainSpec, groups=None, num_groups=0
+):
   """One head on fixed features `x [n, dim]`, labels `y [n]`: `train_heads` with H = 1.
 
   The head starts from `init_head(split(key)[0])`; minibatches come from
-  `split(key)[1]`. Returns `(params, losses [training_steps])`.
+  `split(key)[1]`; `groups [dim]` / `num_groups` group the penalty's rows.
+  Returns `(params, losses [training_steps])`.
   """
   k_init, k_data = jax.random.split(key)
   params = jax.tree_util.tree_map(lambda v: v[None], init_head(k_init, x.shape[1], spec))
