@@ -124,6 +124,8 @@ def load(ctx: Context) -> None:
           b.name, b.checkpoint or None, input_size=int(b.input_size) or None
         )
     ctx.task = _get_task(ctx.config, ctx.config.dataset)
+    if ctx.config.eval_mode == "test" and ctx.task.verify is not None:
+      ctx.task.verify("test")  # an unreadable test image fails now, not after training
   first = ctx.backbone(ctx.points[0][1])
   logging.info(
     "backbone %s (%s) at %d px%s; task %s, %d classes; %d grid point(s)",
