@@ -211,6 +211,16 @@ class BadListsTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, pattern):
       data.get_task("cifar100", data_dir=self.root)
 
+  def test_byte_order_mark_and_windows_line_ends_are_read(self):
+    path = os.path.join(self.dir, "train800.txt")
+    with open(path) as f:
+      lines = f.read().splitlines()
+    with open(path, "w", encoding="utf-8-sig", newline="\r\n") as f:
+      f.write("\n".join(lines) + "\n")
+    task = data.get_task("cifar100", data_dir=self.root)
+    _, labels = task.arrays("train800", image_size=8)
+    np.testing.assert_array_equal(labels, [int(line.rsplit(maxsplit=1)[1]) for line in lines])
+
   def test_label_outside_the_classes(self):
     path = self.edit("train800.txt", lambda ls: ls[:4] + [_set_label(ls[4], 100)] + ls[5:])
     self.assert_fails(rf"^{path} line 5: label 100 is outside \[0, 100\)")
@@ -219,7 +229,9 @@ class BadListsTest(parameterized.TestCase):
     path = self.edit("test.txt", lambda ls: ls[:9] + [_set_label(ls[9], -1)] + ls[10:])
     self.assert_fails(rf"^{path} line 10: label -1 is outside")
 
-  @parameterized.parameters("images/train800/000002.jpg", "images/train800/000002.jpg three", "")
+  @parameterized.parameters(
+    "images/train800/000002.jpg", "images/train800/000002.jpg three", "images/train800/000002.jpg --3", ""
+  )
   def test_malformed_line(self, bad):
     # An empty third line is skipped: the list then has 799 entries, which is its own error.
     path = self.edit("train800.txt", lambda ls: ls[:2] + [bad] + ls[3:])

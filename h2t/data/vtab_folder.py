@@ -37,6 +37,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -130,7 +131,7 @@ def parse_list(list_file: str, folder: str, num_classes: int) -> list[Entry]:
   entries: list[Entry] = []
   seen: dict[str, int] = {}
   try:
-    with open(list_file, encoding="utf-8") as f:
+    with open(list_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of line 1
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise ValueError(f"cannot read {list_file}: {e}") from None
@@ -138,7 +139,7 @@ def parse_list(list_file: str, folder: str, num_classes: int) -> list[Entry]:
     if not text.strip():
       continue
     fields = text.strip().rsplit(maxsplit=1)
-    if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+    if len(fields) != 2 or not re.fullmatch(r"-?[0-9]+", fields[1]):
       raise ValueError(f"{list_file} line {number}: {text!r} is not of the form {LINE_FORMAT}")
     relative, label = fields[0], int(fields[1])
     if not 0 <= label < num_classes:
