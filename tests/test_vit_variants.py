@@ -58,6 +58,15 @@ class ViTVariantsTest(absltest.TestCase):
       vit.load(path)
     self.assertIn("is not the original ImageNet-21k ViT-B_16.npz", logs.output[0])
     self.assertIn("1000 classes", logs.output[0])
+    self.assertIn("the ImageNet-1k fine-tuned file of the same name", logs.output[0])
+
+  def test_augreg_file_named_like_the_original_is_flagged(self):
+    params = self.params(num_classes=vit.IMAGENET21K_CLASSES)
+    path = os.path.join(self.dir, "ViT-B_16.npz")
+    _write_vision_transformer_npz(params, path)
+    with self.assertLogs("absl", level="WARNING") as logs:
+      vit.load(path)
+    self.assertIn("probably an AugReg ImageNet-21k file", logs.output[0])
 
   def test_augreg_imagenet21k_is_told_from_the_original(self):
     params = self.params(num_classes=vit.IMAGENET21K_CLASSES)

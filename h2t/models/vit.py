@@ -116,13 +116,20 @@ def _check_name_matches(path: str, flat: Mapping[str, Any], grid: int, patch: in
   if os.path.basename(path) != "ViT-B_16.npz" or "pre_logits/kernel" in flat:
     return
   classes = int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else 0
+  if classes == 1000:
+    likely = "the ImageNet-1k fine-tuned file of the same name (imagenet21k+imagenet2012/)"
+  elif classes == IMAGENET21K_CLASSES:
+    likely = "an AugReg ImageNet-21k file (augreg/B_16-i21k-*.npz) under this name"
+  else:
+    likely = "another ViT under this name"
   logging.warning(
     "%s is not the original ImageNet-21k ViT-B_16.npz (imagenet21k/: a pre_logits layer and 21843 "
     "classes, the ViT-B/16 (i21k) of published VTAB-1k results): it has no pre_logits layer and %d "
-    "classes at %d px, i.e. the ImageNet-1k fine-tuned file of the same name (imagenet21k+imagenet2012/).",
+    "classes at %d px, so it is probably %s.",
     path,
     classes,
     grid * patch,
+    likely,
   )
 
 
