@@ -54,6 +54,10 @@ def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str |
   if name in vtab.TASKS:
     if vtab_folder.has_lists(name, data_dir):
       return vtab_folder.load(name, data_dir)
-    return vtab.load(name, data_dir=data_dir)
+    try:
+      return vtab.load(name, data_dir=data_dir)
+    except vtab.NotPreparedError as e:
+      where = vtab_folder.hint(name, data_dir or vtab.default_data_dir())
+      raise vtab.NotPreparedError(f"{e} {where}") from None
   check_task_name(name)
   raise AssertionError(name)  # unreachable: check_task_name raised

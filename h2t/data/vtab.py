@@ -269,16 +269,8 @@ def _not_prepared_message(name: str, spec: VtabTask, data_dir: str | None, build
   return (
     f"VTAB task {name!r}: no prepared TFDS data for {looked} in data_dir {root!r}{where}. "
     f"Prepare it once (needs internet and disk space) with:\n  {prepare_command(name, data_dir or root)}\n"
-    f"or point config.data_dir at the folder that holds it.{manual} A prepared VTAB-1k folder "
-    f"(NOAH's layout, README 'VTAB-1k data') is read instead when its lists are in "
-    f"{os.path.join(root, _prepared_folder(name))}/ (train800.txt, val200.txt, train800val200.txt, test.txt)."
+    f"or point config.data_dir at the folder that holds it.{manual}"
   )
-
-
-def _prepared_folder(name: str) -> str:
-  from h2t.data import vtab_folder  # imports this module
-
-  return vtab_folder.FOLDERS[name]
 
 
 def load(name: str, *, data_dir: str | None = None) -> base.Task:

@@ -109,6 +109,14 @@ def folder_of(name: str, data_dir: str) -> str:
   return os.path.join(os.path.abspath(os.path.expanduser(data_dir)), FOLDERS[name])
 
 
+def hint(name: str, data_dir: str) -> str:
+  """One sentence for a missing-data message: where a prepared folder of task `name` would be read."""
+  return (
+    f"A prepared VTAB-1k folder (NOAH's layout, README 'VTAB-1k data') is read instead when its lists "
+    f"are in {folder_of(name, data_dir)}/ ({', '.join(LIST_FILES.values())})."
+  )
+
+
 def has_lists(name: str, data_dir: str | None) -> bool:
   """Whether `data_dir` holds a prepared folder (any of its list files) for task `name`."""
   if not data_dir or name not in FOLDERS:
