@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
@@ -119,7 +120,7 @@ def blocks_from_state_dict(tensors: Mapping[str, np.ndarray], *, source: str) ->
   Raises:
     CheckpointError: the file is not laid out as an EfficientNet-Lite.
   """
-  ids = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("_blocks.")})
+  ids = sorted({int(m.group(1)) for k in tensors if (m := re.match(r"_blocks\.(\d+)\.", k))})
   if not ids or ids != list(range(len(ids))):
     raise checkpoints.CheckpointError(
       f"{source}: not an EfficientNet-Lite state dict (blocks {ids[:5]}... instead of _blocks.0, _blocks.1, ...)"
