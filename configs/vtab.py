@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.methods = ("head2toe", "linear")
 
   config.backbone = ml_collections.ConfigDict()
-  # efficientnet_lite0 | resnet50 | vit_b16, or several at once joined by '+'
+  # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 (optional packages) | resnet50 |
+  # vit_b16, or several at once joined by '+'
   # (e.g. resnet50+vit_b16; the reference's imagenetr50_2x is resnet50+resnet50).
   config.backbone.name = "efficientnet_lite0"
   # '' uses the backbone's default (packaged) weights; several backbones: one

@@ -29,6 +29,10 @@ import jax.numpy as jnp
 from h2t import probe, stages
 
 F32 = 4
+# The paper grid's penalties: stage 1 has the group penalty only (its l2,1
+# coefficients 1e-3 / 1e-5), stage 2 none (the base learning config's are 0).
+# `--all_penalties` measures programs that compute every penalty, as before.
+PENALIZED_1, PENALIZED_2 = (False, False, True), (False, False, False)
 
 
 def step_bytes(fn, args) -> float:
@@ -43,7 +47,7 @@ def step_bytes(fn, args) -> float:
 
 def stage1(dim: int, heads: int, classes: int, n: int, m: int, batch: int) -> tuple[float, float]:
   def fn(steps, x, y, tr, hp, key):
-    spec = probe.TrainSpec(num_classes=classes, training_steps=steps, batch_size=batch)
+    spec = probe.TrainSpec(num_classes=classes, training_steps=steps, batch_size=batch, penalized=PENALIZED_1)
     return stages.train_all_features(x, y, tr, hp, key, spec=spec)
 
   args = (
@@ -59,7 +63,7 @@ def stage1(dim: int, heads: int, classes: int, n: int, m: int, batch: int) -> tu
 
 def stage2(dim: int, kept: int, heads: int, classes: int, n: int, m: int, batch: int) -> tuple[float, float]:
   def fn(steps, x, y, tap_of, hp, tr, idx, mask, key):
-    spec = probe.TrainSpec(num_classes=classes, training_steps=steps, batch_size=batch)
+    spec = probe.TrainSpec(num_classes=classes, training_steps=steps, batch_size=batch, penalized=PENALIZED_2)
     return stages.train_kept_features(
       x, y, tap_of, hp, (tr, idx, mask, key), spec=spec, num_taps=50, mode="unit_vector"
     )
@@ -86,7 +90,11 @@ def main() -> None:
   parser.add_argument("--heads2", type=int, default=16, help="grid points per stage-2 program")
   parser.add_argument("--keep", type=float, default=0.2, help="largest keep fraction (stage-2 width)")
   parser.add_argument("--classes", type=int, default=100)
+  parser.add_argument("--all_penalties", action="store_true")
   args = parser.parse_args()
+  if args.all_penalties:
+    global PENALIZED_1, PENALIZED_2
+    PENALIZED_1 = PENALIZED_2 = (True, True, True)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch 128, 1000 examples, 800 per fold")
   print("| program | D | heads | K | bytes/step measured | minimum | ratio |")
   print("|---|---|---|---|---|---|---|")

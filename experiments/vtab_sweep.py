@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging as py_logging
 import os
@@ -44,6 +43,8 @@ from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from h2t import config as config_lib
 
 FLAGS = flags.FLAGS
 
@@ -195,21 +196,11 @@ def job_config(config, job: Job, checkpoints: Mapping[str, str]):
   return cfg
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def config_differences(stored: Mapping[str, Any], cfg) -> list[str]:
   """Options whose value in a finished run's results.json differs from `cfg`."""
   # JSON round trip: the stored config went through it (tuples became lists).
-  now = _flat(json.loads(json.dumps(cfg.to_dict())))
-  then = _flat(stored)
+  now = config_lib.flat(json.loads(json.dumps(cfg.to_dict())))
+  then = config_lib.flat(stored)
   return sorted(k for k in set(now) | set(then) if now.get(k, "<absent>") != then.get(k, "<absent>"))
 
 
@@ -270,7 +261,7 @@ def run_job(job: Job, cfg) -> dict[str, Any]:
   writer = metric_writers.create_default_writer(job.workdir, just_logging=jax.process_index() > 0)
   try:
     writer.write_hparams(
-      {k: v for k, v in _flat(cfg.to_dict()).items() if isinstance(v, (int, float, str, bool))}
+      {k: v for k, v in config_lib.flat(cfg.to_dict()).items() if isinstance(v, (int, float, str, bool))}
     )
     return evaluate.run(cfg, job.workdir, writer=writer)
   finally:
@@ -345,45 +336,12 @@ def _last_line(text: str) -> str:
   return lines[-1] if lines else str(text)
 
 
-def _config_keys(argv: Sequence[str]) -> list[str] | None:
-  """The dotted keys of the `--config=PATH[:ARG]` file on the command line, or None."""
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is None:
-    return None
-  path, _, arg = spec.partition(":")
-  try:
-    module_spec = importlib.util.spec_from_file_location("_sweep_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return sorted(_flat(module.get_config(arg or None).to_dict()))
-  except Exception:  # noqa: BLE001 -- the caller reports the original error instead.
-    return None
-
-
-def unknown_key_message(argv: Sequence[str]) -> str | None:
-  """'unknown config key ...' for the first `--config.KEY=...` the config lacks, with its siblings."""
-  keys = _config_keys(argv)
-  if keys is None:
-    return None
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    key = arg[len("--config.") :].split("=", 1)[0]
-    if key in keys:
-      continue
-    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    siblings = sorted({k[len(parent) :].split(".")[0] for k in keys if k.startswith(parent)})
-    where = f"config.{parent.rstrip('.')}" if parent else "config"
-    return f"unknown config key {key!r}; the keys of {where} are: {', '.join(siblings) or '(none)'}"
-  return None
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing; a bad flag or config override ends in one `error:` line."""
   try:
     return FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config lacks
-    sys.exit(f"error: {unknown_key_message(argv) or _last_line(str(e))}")
+    sys.exit(f"error: {config_lib.unknown_key_message(argv) or _last_line(str(e))}")
   except flags.Error as e:
     sys.exit(f"error: {_last_line(str(e))} (--helpshort lists the flags)")
 

@@ -24,8 +24,13 @@ CACHE_VERSION = 1
 TRAIN_SPLIT = "train800val200"
 
 
-def cache_key(backbone, task_name: str, split: str, taps, bcfg) -> str:
-  """`<task>_<split>_<digest>` of one extraction's settings."""
+def cache_key(backbone, task_name: str, split: str, taps, bcfg, source: str = "") -> str:
+  """`<task>_<split>_<digest>` of one extraction's settings.
+
+  `source`: where the images came from when it is not the task's usual
+  source (a prepared VTAB-1k folder instead of TFDS); '' keeps the key of
+  earlier versions.
+  """
   ident = {
     "version": CACHE_VERSION,
     "backbone": backbone.name,
@@ -38,6 +43,8 @@ def cache_key(backbone, task_name: str, split: str, taps, bcfg) -> str:
     "pool_size": int(bcfg.additional_features_pool_size),
     "cls_token_pool": bcfg.cls_token_pool,
   }
+  if source:
+    ident["source"] = source
   # Sized taps ('tap@size') carry their sizes in `taps`.
   digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
   return f"{task_name}_{split}_{digest}"
@@ -86,7 +93,9 @@ def train_features(
   backbone, task, taps, bcfg, cache_dir: str
 ) -> tuple[dict[str, np.ndarray], np.ndarray, bool]:
   """Pooled features of the 1000 training images: `({tap: [n, d]}, labels [n], from_cache)`."""
-  path = os.path.join(cache_dir, cache_key(backbone, task.name, TRAIN_SPLIT, taps, bcfg) + ".npz")
+  source = getattr(task, "folder", "")  # a prepared VTAB-1k folder, not TFDS
+  key = cache_key(backbone, task.name, TRAIN_SPLIT, taps, bcfg, source=source)
+  path = os.path.join(cache_dir, key + ".npz")
   cached = read(path)
   if cached is not None:
     logging.info("read training features from %s", path)

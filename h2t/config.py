@@ -299,3 +299,27 @@ def explain_unknown_key(key: str, known: Iterable[str]) -> str:
   if close:
     msg += f". Did you mean {' or '.join(repr(c) for c in close)}?"
   return msg
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """Calls `get_config` of a config file given as `path[:arg]` (as `--config=` names it)."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_h2t_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def unknown_key_message(argv: Sequence[str]) -> str | None:
+  """`explain_unknown_key` for the first `--config.KEY` of `argv` that its `--config=` file lacks."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  try:
+    known = flat(load_file(spec).to_dict())
+  except Exception:  # noqa: BLE001 -- the caller reports the original error instead.
+    return None
+  unknown = [k for k in cli_keys(argv) if k not in known]
+  return explain_unknown_key(unknown[0], known) if unknown else None

@@ -209,7 +209,7 @@ def run_grid(
     prep.tap_of,
     hp2,
     keys_head,
-    spec=probe.spec_from_learning(base, num_classes),
+    spec=probe.spec_from_learning(base, num_classes, program=learnings),
     num_taps=len(prep.taps),
     mode=mode,
   )

@@ -62,6 +62,10 @@ class TrainSpec:
   zero_init: bool = False
   hidden_units: int = 0
   hidden_trainable: bool = True
+  # Which penalties the program computes: (l1, l2, group). A term whose
+  # coefficient is 0 for every head of a program contributes exactly 0 to
+  # the loss and the gradient; leaving it out saves passes over the kernels.
+  penalized: tuple[bool, bool, bool] = (True, True, True)
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -122,11 +126,18 @@ def parse_output_head_type(value: str, num_classes: int) -> tuple[int, bool]:
   )
 
 
-def spec_from_learning(learning, num_classes: int) -> TrainSpec:
-  """The static trainer settings of a `config.learning`."""
+def spec_from_learning(learning, num_classes: int, program=()) -> TrainSpec:
+  """The static trainer settings of a `config.learning`.
+
+  `program`: the learning configs of every head sharing the compiled program
+  (default: this one alone); a penalty whose coefficient is 0 in all of them
+  is left out of the program (`TrainSpec.penalized`).
+  """
   hidden_units, hidden_trainable = parse_output_head_type(
     learning.get("output_head_type", "nohidden"), num_classes
   )
+  program = list(program) or [learning]
+  keys = ("l1_regularizer", "l2_regularizer", "group_lrp_regularizer_coef")
   return TrainSpec(
     num_classes=num_classes,
     training_steps=int(learning.training_steps),
@@ -139,6 +150,7 @@ def spec_from_learning(learning, num_classes: int) -> TrainSpec:
     zero_init=bool(learning.output_head_zeroinit),
     hidden_units=hidden_units,
     hidden_trainable=hidden_trainable,
+    penalized=tuple(any(float(lr[k]) != 0 for lr in program) for k in keys),
   )
 
 
@@ -256,8 +268,13 @@ def penalty(params: Params, hp: HParams, spec: TrainSpec, groups=None, num_group
       continue
     w = params[name]
     g, ng = (groups, num_groups) if name == first_kernel_name(params) else (None, 0)
-    out = out + hp.l1 * jnp.abs(w).sum() + hp.l2 * (w**2).sum()
-    out = out + hp.group_coef * group_lasso(w, spec.group_r, spec.group_p, g, ng)
+    use_l1, use_l2, use_group = spec.penalized
+    if use_l1:
+      out = out + hp.l1 * jnp.abs(w).sum()
+    if use_l2:
+      out = out + hp.l2 * (w**2).sum()
+    if use_group:
+      out = out + hp.group_coef * group_lasso(w, spec.group_r, spec.group_p, g, ng)
   return out
 
 

@@ -267,7 +267,7 @@ def stage1_scores(
   stage1 = jax.vmap(
     functools.partial(
       train_all_features,
-      spec=probe.spec_from_learning(sel[0], num_classes),
+      spec=probe.spec_from_learning(sel[0], num_classes, program=sel),
       groups=groups,
       num_groups=num_groups,
       per_feature=mode == "per_feature",

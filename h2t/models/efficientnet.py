@@ -344,8 +344,9 @@ def load(
   tensors = checkpoints.read_tensors(path)
   blocks = blocks_from_state_dict(tensors, source=path)
   _check_variant(blocks, variant, path)
-  converted = convert_state_dict(tensors)
-  num_classes = int(tensors["_fc.bias"].shape[0]) if "_fc.bias" in tensors else 1000
+  with checkpoints.converting(path, f"EfficientNet-{variant.capitalize()}"):
+    converted = convert_state_dict(tensors)
+    num_classes = int(tensors["_fc.bias"].shape[0]) if "_fc.bias" in tensors else 1000
   module = EfficientNetLite(num_classes=num_classes, blocks=blocks)
   size = input_size or VARIANTS[variant].input_size
   expected = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
