@@ -211,7 +211,7 @@ class PipelinedExtractionTest(parameterized.TestCase):
     self.assertEqual((stats.images, stats.batches), (21, 3))
     self.assertEqual(stats.bytes_to_device, 3 * 8 * images[0].nbytes)  # padded batches
     self.assertEqual(stats.feature_bytes, 21 * dim * 4)
-    self.assertEqual(stats.bytes_from_device, 3 * 8 * (dim * 4 + len(TOY_TAPS)))  # features + flags
+    self.assertEqual(stats.bytes_from_device, 3 * 8 * (dim * 4 + 1))  # features + a flag per image
 
   def test_nan_in_one_tap_names_the_tap_and_images(self):
     backbone, images = _toy_backbone(), _toy_images(30)
@@ -223,6 +223,14 @@ class PipelinedExtractionTest(parameterized.TestCase):
       FloatingPointError, r"tap 'level' of backbone 'toy' .* image\(s\) 13 \(images 8\.\.16\)"
     ):
       list(stream)
+
+  def test_infinity_in_two_taps_names_both(self):
+    backbone, images = _toy_backbone(), _toy_images(16)
+    images[5, 0, 0, 0] = np.inf  # 'map' stays finite (tanh), 'level' and the image itself do not
+    with self.assertRaisesRegex(
+      FloatingPointError, r"tap 'level' .* image\(s\) 5 \(images 0\.\.8\) \(so did tap\(s\) 'input'\)"
+    ):
+      features.extract(backbone, images, taps=TOY_TAPS, target_size=20, batch_size=8)
 
   def test_padding_rows_are_not_checked(self):
     # The padding images are black, so their 'level' is NaN: only real images count.
