@@ -232,6 +232,15 @@ class PipelinedExtractionTest(parameterized.TestCase):
     ):
       features.extract(backbone, images, taps=TOY_TAPS, target_size=20, batch_size=8)
 
+  def test_huge_finite_features_are_no_error(self):
+    # Their row sum overflows to inf on the device; the host finds every feature finite.
+    backbone, images = _toy_backbone(), _toy_images(4)
+    images[1] = 2e36  # 192 features (pool 1) of 2e36: their sum, 3.8e38, is over float32's 3.4e38
+    got = features.extract(backbone, images, taps=["input"], target_size=192, batch_size=4)
+    self.assertEqual(got["input"].shape, (4, 192))
+    self.assertTrue(np.isfinite(got["input"]).all())
+    self.assertEqual(got["input"].max(), np.float32(2e36))
+
   def test_padding_rows_are_not_checked(self):
     # The padding images are black, so their 'level' is NaN: only real images count.
     backbone, images = _toy_backbone(), _toy_images(11)
