@@ -1,5 +1,10 @@
 """Pooling every tap to a target size, as the reference does; the pipelined extraction."""
 
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
 import threading
 
 import flax.linen as nn
@@ -306,6 +311,42 @@ class PipelinedExtractionTest(parameterized.TestCase):
       err = np.linalg.norm(bf16[tap] - f32[tap]) / np.linalg.norm(f32[tap])
       self.assertLess(err, 0.15, tap)
       self.assertGreater(err, 0.0, tap)  # it really ran in bfloat16
+
+
+# Extracts the toy backbone's features on however many devices XLA_FLAGS simulates.
+SHARDED_SCRIPT = textwrap.dedent(
+  """
+  import sys
+  sys.path.insert(0, {root!r})
+  import jax, numpy as np
+  from tests import test_features as t
+  from h2t import features
+  got = features.extract(t._toy_backbone(), t._toy_images(21), taps=t.TOY_TAPS, target_size=20, batch_size=8)
+  np.savez({out!r}, devices=jax.local_device_count(), **{{k.replace("@", "_"): v for k, v in got.items()}})
+  """
+)
+
+
+class ShardedExtractionTest(absltest.TestCase):
+  def test_four_devices_give_the_features_of_one(self):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+      got = {}
+      for devices in (1, 4):
+        out = os.path.join(tmp, f"{devices}.npz")
+        env = dict(
+          os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
+        )
+        code = SHARDED_SCRIPT.format(root=root, out=out)
+        proc = subprocess.run(
+          [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+        )
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        got[devices] = dict(np.load(out))
+    self.assertEqual((int(got[1].pop("devices")), int(got[4].pop("devices"))), (1, 4))
+    self.assertEqual(sorted(got[1]), sorted(got[4]))
+    for tap in got[1]:
+      np.testing.assert_allclose(got[4][tap], got[1][tap], rtol=1e-6, atol=1e-6, err_msg=tap)
 
 
 class PrefetchTest(absltest.TestCase):
