@@ -307,9 +307,10 @@ class PipelinedExtractionTest(parameterized.TestCase):
     bf16 = features.extract(backbone, images, taps=taps, target_size=1024, batch_size=16, dtype="bfloat16")
     for tap in taps:
       self.assertEqual(bf16[tap].dtype, np.float32)
-      # Stated tolerance: 15% relative error (L2 over the tap); measured 0.5% (stem) to 10% (pre_logits).
+      # Stated tolerance: 20% relative L2 error per tap. Measured at 64 px: 0.5% (stem) to 10%
+      # (pre_logits); at 224 px up to 13.5% (experiments/results/bench_extraction_cpu.md).
       err = np.linalg.norm(bf16[tap] - f32[tap]) / np.linalg.norm(f32[tap])
-      self.assertLess(err, 0.15, tap)
+      self.assertLess(err, 0.2, tap)
       self.assertGreater(err, 0.0, tap)  # it really ran in bfloat16
 
 
