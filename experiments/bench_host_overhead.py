@@ -24,7 +24,12 @@ Three extraction paths, in the same process, alternating round by round:
   one-by-one: `extract_batches` with prefetch=0, in_flight=1 (the new
              single-array fetch, without the overlap).
 
-  python experiments/bench_host_overhead.py [--source=digits224] [--rounds=5]
+With --checks, it also times the device-side finiteness checks h2t could use
+(this process's CPU time per batch, the cheap backbone on one batch of
+digits): none, `isfinite(row sum)` (h2t's), `isfinite(features).all(axis=1)`,
+and a per-tap `isfinite(tap).all(axis=1)`.
+
+  python experiments/bench_host_overhead.py [--source=digits224] [--rounds=5] [--checks]
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ flags.DEFINE_integer(
   "tap_features", 833, "Features per tap (51 x 833 = Lite0's 42,488 at 224 px, target 1024)."
 )
 flags.DEFINE_integer("rounds", 5, "Timed rounds of each path (after one warm-up round each).")
+flags.DEFINE_bool("checks", False, "Also time the device-side finiteness checks (see the docstring).")
 flags.DEFINE_string("out", "", "Also write the printed figures to this file.")
 
 
@@ -134,12 +140,56 @@ def sync_extract_batches(backbone, batches, *, taps, target_size, batch_size):
     yield feats, np.asarray(labels, np.int32)
 
 
+def time_checks(say, backbone, images: np.ndarray, rounds: int) -> None:
+  """CPU ms per batch of the extraction program with each finiteness check."""
+  static = dict(
+    backbone=backbone,
+    taps=backbone.tap_names,
+    target_size=0,
+    cls_token_pool="normal",
+    pool_size=0,
+    dtype="float32",
+  )
+  checks = {
+    "none": None,
+    "isfinite(row sum) (h2t)": lambda f, taps: ~jnp.isfinite(f.sum(axis=1)),
+    "isfinite(features).all(axis=1)": lambda f, taps: ~jnp.isfinite(f).all(axis=1),
+    "per tap isfinite(tap).all(axis=1)": lambda f, taps: jnp.stack(
+      [~jnp.isfinite(t).all(axis=1) for t in taps], 1
+    ),
+  }
+
+  def program(check):
+    @jax.jit
+    def run(params, x):
+      taps = list(features._pooled_taps(params, x, **static).values())  # noqa: SLF001
+      feats = jnp.concatenate(taps, axis=1)
+      return feats if check is None else (feats, check(feats, taps))
+
+    return run
+
+  programs = {name: program(check) for name, check in checks.items()}
+  for fn in programs.values():
+    jax.block_until_ready(fn(backbone.params, images))
+  cpu = {name: [] for name in programs}
+  for _ in range(rounds):
+    for name, fn in programs.items():
+      start = time.process_time()
+      jax.block_until_ready(fn(backbone.params, images))
+      cpu[name].append(1e3 * (time.process_time() - start))
+  for name, c in cpu.items():
+    say(
+      f"check {name:34s}: CPU ms per batch of {len(images)} min {min(c):6.1f}, median {statistics.median(c):6.1f}"
+    )
+
+
 def main(argv):
   del argv
   say = Printer()
   say(
     f"# python experiments/bench_host_overhead.py --source={FLAGS.source} --image_size={FLAGS.image_size} "
     f"--batch_size={FLAGS.batch_size} --taps={FLAGS.taps} --tap_features={FLAGS.tap_features} --rounds={FLAGS.rounds}"
+    f"{' --checks' if FLAGS.checks else ''}"
   )
   dev = jax.devices()[0]
   say(
@@ -198,6 +248,9 @@ def main(argv):
     f"pipelined / sync, per round: images/s min {min(ratio):.2f}, median {statistics.median(ratio):.2f}; "
     f"CPU time per image min {min(cpu_ratio):.2f}, median {statistics.median(cpu_ratio):.2f}"
   )
+  if FLAGS.checks:
+    images = next(iter(batches()))[0]
+    time_checks(say, backbone, np.asarray(images), 4 * FLAGS.rounds)
   if FLAGS.out:
     say.write(FLAGS.out)
 
