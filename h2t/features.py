@@ -69,8 +69,10 @@ def _pooled_taps(
     _, all_taps = backbone.apply(params, x)
   else:
     low = jnp.dtype(dtype)
-    cast = lambda p: p.astype(low) if jnp.issubdtype(p.dtype, jnp.floating) else p  # noqa: E731
-    _, all_taps = backbone.apply(jax.tree_util.tree_map(cast, params), x.astype(low))
+    params = jax.tree_util.tree_map(
+      lambda p: p.astype(low) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+    )
+    _, all_taps = backbone.apply(params, x.astype(low))
   out = {}
   for name in taps:
     tap, size = split_tap(name)
