@@ -32,7 +32,8 @@ resizing is timed (experiments/bench_input_pipeline.py measures that part).
 Accuracies are those of random labels: chance. The device it ran on is printed.
 
   python experiments/bench_gpu_protocol.py                 # on a GPU
-  python experiments/bench_gpu_protocol.py --smoke         # tiny, on the CPU, ~1 minute
+  python experiments/bench_gpu_protocol.py --smoke         # tiny, on the CPU, a few minutes
+  python experiments/bench_gpu_protocol.py --batch_size=256 --compilation_cache_dir=/tmp/jax_cache  # accelerator
 """
 
 from __future__ import annotations
