@@ -31,9 +31,8 @@ Images come from a pool of random images held in memory, so no decoding or
 resizing is timed (experiments/bench_input_pipeline.py measures that part).
 Accuracies are those of random labels: chance. The device it ran on is printed.
 
-  python experiments/bench_gpu_protocol.py                 # on a GPU
+  python experiments/bench_gpu_protocol.py --compilation_cache_dir=/tmp/jax_cache  # on a GPU / TPU
   python experiments/bench_gpu_protocol.py --smoke         # tiny, on the CPU, a few minutes
-  python experiments/bench_gpu_protocol.py --batch_size=256 --compilation_cache_dir=/tmp/jax_cache  # accelerator
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ flags.DEFINE_integer("train_size", 1000, "Training images (a multiple of 5: the 
 flags.DEFINE_integer("test_size", 10000, "Test images.")
 flags.DEFINE_integer("target_size", 1024, "Pooling target size per tap (configs/vtab.py's default).")
 flags.DEFINE_integer("training_steps", 500, "Steps of each probe.")
-flags.DEFINE_integer("batch_size", 64, "Images per extraction forward pass.")
+flags.DEFINE_integer("batch_size", 0, "Images per extraction forward pass (0: the platform's, 256 per GPU).")
 flags.DEFINE_string("sweep", None, "config.sweep of the grid (default: the sweep of configs/vtab.py).")
 flags.DEFINE_list(
   "dtypes", ["float32", "bfloat16"], "Backbone compute dtypes to extract with (the first is used after)."
@@ -207,6 +206,7 @@ def main(argv):
       FLAGS.sweep = "learning.feature_selection.keep_fraction=0.05,0.1"
   for dtype in FLAGS.dtypes:
     features.check_dtype(dtype)
+  FLAGS.batch_size = platform.resolve_batch_size(FLAGS.batch_size)
   cache = platform.enable_compilation_cache(FLAGS.compilation_cache_dir)
   say = Printer()
   dev = jax.devices()[0]
