@@ -221,9 +221,9 @@ def _stream(
   pool_size: int,
   total: int | None,
   dtype: str,
-  prefetch: int,
-  in_flight: int,
-  stats: ExtractionStats | None,
+  prefetch: int = 2,
+  in_flight: int = 2,
+  stats: ExtractionStats | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[tuple[str, int, int], ...]]]:
   """`extract_batches`, yielding `(features [b, D], labels [b], layout)` per batch,
   `layout` the `(tap, start, stop)` column range of every tap."""
@@ -425,8 +425,6 @@ def extract(
       total=n,
       dtype=dtype,
       prefetch=0,  # the images are in memory already
-      in_flight=2,
-      stats=None,
     )
   )[0]
 
@@ -460,8 +458,6 @@ def extract_task_split(
       pool_size=pool_size,
       total=task.size(split),
       dtype=dtype,
-      prefetch=2,
-      in_flight=2,
       stats=stats,
     )
   )
