@@ -122,7 +122,8 @@ class CompositeBackbone(Backbone):
     """`x [n, S, S, 3]` pixels -> `(logits of the first member, {'<member>/<tap>': ...})`."""
     taps, first = {}, None
     for member, prefix, p in zip(self.members, self.prefixes, params, strict=True):
-      logits, member_taps = member.apply(p, member.preprocess(x))
+      # Cast back: `preprocess` returns float32, and a bfloat16 extraction runs in x's dtype.
+      logits, member_taps = member.apply(p, member.preprocess(x).astype(x.dtype))
       first = logits if first is None else first
       taps.update({f"{prefix}/{k}": v for k, v in member_taps.items()})
     return first, taps
