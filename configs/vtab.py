@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     "learning.feature_selection.keep_fraction=0.05,0.1"
   )
   config.cache_dir = ""  # Pooled-feature cache; '' = WORKDIR/cache.
+  # Compiled XLA programs, reused by later runs of the same shapes; '' = <cache dir>/jax, 'off' = none.
+  config.compilation_cache_dir = ""
   # Methods run side by side on the same features (h2t/evaluate.py METHODS):
   # head2toe, linear (`pre_logits` alone, same trainer), all_features (every
   # tap, no selection, the configured penalties), ridge, finetune.
@@ -68,7 +70,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # overrides additional_features_target_size; taps become '<tap>@<size>').
   config.backbone.additional_features_multi_target_sizes = ""
   config.backbone.cls_token_pool = "normal"  # normal | only_cls | nopool_cls (token taps).
-  config.backbone.batch_size = 64  # Images per extraction forward pass.
+  config.backbone.batch_size = (
+    64  # Images per extraction forward pass; 0: the platform's (64 CPU, 256 GPU/TPU).
+  )
+  # The forward pass's dtype: float32, or bfloat16 (faster on accelerators; features move by ~5%,
+  # experiments/results/bench_extraction_cpu.md). Pooled features are float32 either way.
+  config.backbone.dtype = "float32"
 
   config.learning = ml_collections.ConfigDict()
   config.learning.optimizer = "adam"  # adam | sgd (momentum 0.9)

@@ -18,7 +18,7 @@ import os
 import numpy as np
 from absl import logging
 
-from h2t import features, files
+from h2t import features, files, platform
 
 CACHE_VERSION = 1
 TRAIN_SPLIT = "train800val200"
@@ -45,6 +45,8 @@ def cache_key(backbone, task_name: str, split: str, taps, bcfg, source: str = ""
   }
   if source:
     ident["source"] = source
+  if bcfg.get("dtype", "float32") != "float32":  # float32 keys stay those of earlier versions
+    ident["dtype"] = bcfg.dtype
   # Sized taps ('tap@size') carry their sizes in `taps`.
   digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
   return f"{task_name}_{split}_{digest}"
@@ -106,8 +108,9 @@ def train_features(
     TRAIN_SPLIT,
     taps=taps,
     target_size=int(bcfg.additional_features_target_size),
-    batch_size=int(bcfg.batch_size),
+    batch_size=platform.resolve_batch_size(int(bcfg.batch_size)),
     cls_token_pool=bcfg.cls_token_pool,
+    dtype=bcfg.get("dtype", "float32"),
     pool_size=int(bcfg.additional_features_pool_size),
   )
   if os.path.isdir(cache_dir) or _makedirs(cache_dir):

@@ -160,6 +160,7 @@ FIELDS: dict[str, Field] = {
   "seed": Field(_number(int, 0)),
   "sweep": Field(_string),
   "cache_dir": Field(_string),
+  "compilation_cache_dir": Field(_string),
   "methods": Field(_methods),
   "backbone.name": Field(_backbone_name, features=True),
   "backbone.checkpoint": Field(_string, features=True),
@@ -170,7 +171,8 @@ FIELDS: dict[str, Field] = {
   "backbone.additional_features_pool_size": Field(_number(int, 0), features=True),
   "backbone.additional_features_multi_target_sizes": Field(_sizes, features=True),
   "backbone.cls_token_pool": Field(_choice(("normal", "only_cls", "nopool_cls")), features=True),
-  "backbone.batch_size": Field(_number(int, 1)),
+  "backbone.batch_size": Field(_number(int, 0)),
+  "backbone.dtype": Field(_choice(("float32", "bfloat16")), features=True),
   **{f"learning.{k}": f for k, f in LEARNING_FIELDS.items()},
 }
 FEATURE_FIELDS = tuple(k for k, f in FIELDS.items() if f.features)

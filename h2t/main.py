@@ -72,9 +72,18 @@ def main(argv):
     jax.distributed.initialize()
   from clu import metric_writers
 
-  from h2t import evaluate
+  from h2t import evaluate, platform
 
   logging.info("JAX devices: %s", jax.devices())
+  compiled = config.compilation_cache_dir or os.path.join(
+    config.cache_dir or os.path.join(workdir, "cache"), "jax"
+  )
+  try:
+    where = platform.enable_compilation_cache("" if compiled == "off" else compiled)
+  except OSError as e:
+    where = ""
+    logging.warning("compilation cache %s cannot be used (%s); compiling every program", compiled, e)
+  logging.info("compilation cache: %s", where or "off")
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams(
     {k: v for k, v in config_lib.flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
