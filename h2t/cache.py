@@ -18,14 +18,19 @@ import os
 import numpy as np
 from absl import logging
 
-from h2t import files, multihost
+from h2t import files, multihost, platform
 
 CACHE_VERSION = 1
 TRAIN_SPLIT = "train800val200"
 
 
-def cache_key(backbone, task_name: str, split: str, taps, bcfg) -> str:
-  """`<task>_<split>_<digest>` of one extraction's settings."""
+def cache_key(backbone, task_name: str, split: str, taps, bcfg, source: str = "") -> str:
+  """`<task>_<split>_<digest>` of one extraction's settings.
+
+  `source`: where the images came from when it is not the task's usual
+  source (a prepared VTAB-1k folder instead of TFDS); '' keeps the key of
+  earlier versions.
+  """
   ident = {
     "version": CACHE_VERSION,
     "backbone": backbone.name,
@@ -38,6 +43,10 @@ def cache_key(backbone, task_name: str, split: str, taps, bcfg) -> str:
     "pool_size": int(bcfg.additional_features_pool_size),
     "cls_token_pool": bcfg.cls_token_pool,
   }
+  if source:
+    ident["source"] = source
+  if bcfg.get("dtype", "float32") != "float32":  # float32 keys stay those of earlier versions
+    ident["dtype"] = bcfg.dtype
   # Sized taps ('tap@size') carry their sizes in `taps`.
   digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
   return f"{task_name}_{split}_{digest}"
@@ -89,7 +98,9 @@ def train_features(
 
   With several processes each extracts its share of the images and all get the gathered features.
   """
-  path = os.path.join(cache_dir, cache_key(backbone, task.name, TRAIN_SPLIT, taps, bcfg) + ".npz")
+  source = getattr(task, "folder", "")  # a prepared VTAB-1k folder, not TFDS
+  key = cache_key(backbone, task.name, TRAIN_SPLIT, taps, bcfg, source=source)
+  path = os.path.join(cache_dir, key + ".npz")
   # Several processes: process 0 alone reads and writes the cache and hands what it read to the others.
   cached = read(path) if multihost.is_writer() else None
   if multihost.writer_decides(cached is not None):
@@ -102,8 +113,9 @@ def train_features(
     TRAIN_SPLIT,
     taps=taps,
     target_size=int(bcfg.additional_features_target_size),
-    batch_size=int(bcfg.batch_size),
+    batch_size=platform.resolve_batch_size(int(bcfg.batch_size)),
     cls_token_pool=bcfg.cls_token_pool,
+    dtype=bcfg.get("dtype", "float32"),
     pool_size=int(bcfg.additional_features_pool_size),
   )
   if multihost.is_writer() and (os.path.isdir(cache_dir) or _makedirs(cache_dir)):

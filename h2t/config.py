@@ -142,6 +142,7 @@ LEARNING_FIELDS: dict[str, Field] = {
   "finetune_lr_multiplier": Field(_number(float, 0.0, low_open=True)),
   "finetune_steps_multiplier": Field(_number(float, 0.0, low_open=True)),
   "data_fraction": Field(_number(float, 0.0, 1.0, low_open=True)),
+  "precision": Field(_choice(("highest", "high", "default"))),
   "feature_selection.type": Field(_choice(selection.TYPES)),
   "feature_selection.keep_fraction": Field(_number(float, 0.0, 1.0, low_open=True)),
   "feature_selection.keep_fraction_offset": Field(_number(int, 0)),
@@ -159,6 +160,7 @@ FIELDS: dict[str, Field] = {
   "seed": Field(_number(int, 0)),
   "sweep": Field(_string),
   "cache_dir": Field(_string),
+  "compilation_cache_dir": Field(_string),
   "methods": Field(_methods),
   "backbone.name": Field(_backbone_name, features=True),
   "backbone.checkpoint": Field(_string, features=True),
@@ -169,7 +171,8 @@ FIELDS: dict[str, Field] = {
   "backbone.additional_features_pool_size": Field(_number(int, 0), features=True),
   "backbone.additional_features_multi_target_sizes": Field(_sizes, features=True),
   "backbone.cls_token_pool": Field(_choice(("normal", "only_cls", "nopool_cls")), features=True),
-  "backbone.batch_size": Field(_number(int, 1)),
+  "backbone.batch_size": Field(_number(int, 0)),
+  "backbone.dtype": Field(_choice(("float32", "bfloat16")), features=True),
   **{f"learning.{k}": f for k, f in LEARNING_FIELDS.items()},
 }
 FEATURE_FIELDS = tuple(k for k, f in FIELDS.items() if f.features)
@@ -298,3 +301,27 @@ def explain_unknown_key(key: str, known: Iterable[str]) -> str:
   if close:
     msg += f". Did you mean {' or '.join(repr(c) for c in close)}?"
   return msg
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """Calls `get_config` of a config file given as `path[:arg]` (as `--config=` names it)."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_h2t_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def unknown_key_message(argv: Sequence[str]) -> str | None:
+  """`explain_unknown_key` for the first `--config.KEY` of `argv` that its `--config=` file lacks."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  try:
+    known = flat(load_file(spec).to_dict())
+  except Exception:  # noqa: BLE001 -- the caller reports the original error instead.
+    return None
+  unknown = [k for k in cli_keys(argv) if k not in known]
+  return explain_unknown_key(unknown[0], known) if unknown else None

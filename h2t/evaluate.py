@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from h2t import backbones, cache, data, features, files, grid, head2toe, multihost
+from h2t import backbones, cache, data, features, files, grid, head2toe, multihost, platform
 from h2t import config as config_lib
 from h2t import methods as methods_lib
 from h2t.data import base
@@ -125,6 +125,8 @@ def load(ctx: Context) -> None:
           b.name, b.checkpoint or None, input_size=int(b.input_size) or None
         )
     ctx.task = _get_task(ctx.config, ctx.config.dataset)
+    if ctx.config.eval_mode == "test" and ctx.task.verify is not None:
+      ctx.task.verify("test")  # an unreadable test image fails now, not after training
   first = ctx.backbone(ctx.points[0][1])
   logging.info(
     "backbone %s (%s) at %d px%s; task %s, %d classes; %d grid point(s)",
@@ -232,6 +234,7 @@ def fit_chosen(ctx: Context, chosen: dict[str, int], results: dict[str, Any]) ->
       "target_size": int(cfg.backbone.additional_features_target_size),
       "pool_size": int(cfg.backbone.additional_features_pool_size),
       "cls_token_pool": cfg.backbone.cls_token_pool,
+      "dtype": cfg.backbone.get("dtype", "float32"),
       "grid_point": overrides,
       "class_names": list(getattr(ctx.task, "class_names", None) or []),
     }
@@ -258,15 +261,17 @@ def stream_test(networks, task, heads: dict[str, Head], batch_size: int) -> dict
   groups: dict[tuple, dict[str, Head]] = {}
   for name, head in heads.items():
     m = head.meta
-    settings = ((m.backbone, m.checkpoint_id, m.input_size), m.target_size, m.pool_size, m.cls_token_pool)
+    network = (m.backbone, m.checkpoint_id, m.input_size, m.dtype)
+    settings = (network, m.target_size, m.pool_size, m.cls_token_pool)
     if all(is_linear_tap(t) for t in head.kept):  # 2-D taps: pooling settings do not matter
-      settings = next((g for g in groups if g[0] == settings[0]), settings)
+      settings = next((g for g in groups if g[0] == network), settings)
     groups.setdefault(settings, {})[name] = head
   networks = [networks] if isinstance(networks, backbones.Backbone) else list(networks)
   by_identity = {(b.name, b.checkpoint_id, b.input_size): b for b in networks}
   correct, n = dict.fromkeys(heads, 0), 0
-  for (identity, target_size, pool_size, cls_pool), members in groups.items():
-    backbone = by_identity[identity]
+  batch_size = platform.resolve_batch_size(batch_size)
+  for ((*identity, dtype), target_size, pool_size, cls_pool), members in groups.items():
+    backbone = by_identity[tuple(identity)]
     taps = list(dict.fromkeys(t for h in members.values() for t in h.kept))
     n = 0
     for feats, labels in features.extract_batches(
@@ -278,6 +283,7 @@ def stream_test(networks, task, heads: dict[str, Head], batch_size: int) -> dict
       cls_token_pool=cls_pool,
       pool_size=pool_size,
       total=task.size("test"),
+      dtype=dtype,
     ):
       for name, head in members.items():
         correct[name] += int((head.predict(feats).argmax(-1) == labels).sum())

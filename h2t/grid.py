@@ -55,6 +55,11 @@ def _parse_value(text: str, like: Any, path: str) -> Any:
     value = ast.literal_eval(text.strip())
   except (ValueError, SyntaxError):
     value = text.strip()  # a bare word: a string option such as 'sgd'
+    if isinstance(like, float) and not isinstance(like, bool):
+      try:
+        value = float(value)  # 'nan', 'inf': numbers, which validation then refuses
+      except ValueError:
+        pass
   if isinstance(like, bool) or isinstance(value, bool):
     ok = isinstance(like, bool) and isinstance(value, bool)
   elif isinstance(like, float):

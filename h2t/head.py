@@ -37,6 +37,7 @@ class HeadMeta:
   Attributes:
     backbone, checkpoint_id, input_size: the network the features came from.
     target_size, pool_size, cls_token_pool: the pooling of its taps.
+    dtype: the backbone's forward-pass dtype ('float32' or 'bfloat16').
     task, num_classes, class_names: the task it classifies.
     grid_point: the chosen grid point's overrides.
     final_train_loss: the last minibatch loss (None for closed-form heads).
@@ -49,6 +50,7 @@ class HeadMeta:
   target_size: int = 0
   pool_size: int = 0
   cls_token_pool: str = "normal"
+  dtype: str = "float32"
   task: str = ""
   num_classes: int = 0
   class_names: list[str] = dataclasses.field(default_factory=list)
@@ -292,6 +294,7 @@ def predict_images(head: Head, images, backbone=None, *, batch_size: int = BATCH
     batch_size=batch_size,
     cls_token_pool=meta.cls_token_pool,
     pool_size=int(meta.pool_size),
+    dtype=meta.dtype,
   )
   logits = head.predict(feats).astype(np.float64)
   logits -= logits.max(axis=1, keepdims=True)

@@ -89,6 +89,25 @@ def selection_keys(seed: int, fold_ids: Sequence[int]) -> jax.Array:
   return jax.vmap(lambda k: jax.random.fold_in(k, 0))(_fold_keys(seed, fold_ids))
 
 
+def _at_precision(fn):
+  """Runs `fn(prep, labels, learnings, ...)` with the probes' matmuls at `learning.precision`.
+
+  'highest' (the default) is full float32: accelerators may otherwise run
+  float32 matmuls at reduced precision (TF32 on NVIDIA GPUs, bfloat16 passes
+  on TPUs), which made a batched grid differ from its points run alone. The
+  CPU computes float32 in full either way.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(prep, labels, learnings, *args, **kwargs):
+    precision = str(learnings[0].get("precision", "highest"))
+    with jax.default_matmul_precision(None if precision == "default" else precision):
+      return fn(prep, labels, learnings, *args, **kwargs)
+
+  return wrapped
+
+
+@_at_precision
 def run_grid(
   prep: Prepared,
   labels: np.ndarray,
@@ -190,7 +209,7 @@ def run_grid(
     prep.tap_of,
     hp2,
     keys_head,
-    spec=probe.spec_from_learning(base, num_classes),
+    spec=probe.spec_from_learning(base, num_classes, program=learnings),
     num_taps=len(prep.taps),
     mode=mode,
   )

@@ -105,9 +105,20 @@ def main(argv):
   import jax
   from clu import metric_writers
 
-  from h2t import evaluate
+  from h2t import evaluate, platform
 
   logging.info("JAX devices: %s", jax.devices())
+  compiled = config.compilation_cache_dir or os.path.join(
+    config.cache_dir or os.path.join(workdir, "cache"), "jax"
+  )
+  if not writes:
+    compiled = "off"  # several processes: process 0 alone writes, compiled programs included
+  try:
+    where = platform.enable_compilation_cache("" if compiled == "off" else compiled)
+  except OSError as e:
+    where = ""
+    logging.warning("compilation cache %s cannot be used (%s); compiling every program", compiled, e)
+  logging.info("compilation cache: %s", where or "off")
   writer = metric_writers.create_default_writer(workdir, just_logging=not writes)
   writer.write_hparams(
     {k: v for k, v in config_lib.flat(config.to_dict()).items() if isinstance(v, (int, float, str, bool))}
@@ -132,38 +143,14 @@ def main(argv):
     print(f"results: {os.path.join(workdir, 'results.json')}")
 
 
-def _load_config_file(spec: str):
-  """Calls `get_config` of a config file given as `path[:arg]`."""
-  import importlib.util
-
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_h2t_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
-def _explain_bad_override(argv: list[str]) -> str | None:
-  """Names the first `--config.KEY=...` whose KEY the config lacks, with the valid keys."""
-  from h2t import config as config_lib
-
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is None:
-    return None
-  try:
-    known = config_lib.flat(_load_config_file(spec).to_dict())
-  except Exception:  # noqa: BLE001 -- the original error is shown instead.
-    return None
-  unknown = [k for k in config_lib.cli_keys(argv) if k not in known]
-  return config_lib.explain_unknown_key(unknown[0], known) if unknown else None
-
-
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with a clear message for an unknown `--config.KEY` or a bad value."""
   try:
     return FLAGS(argv)
   except (AttributeError, KeyError) as e:
-    sys.exit(f"error: {_explain_bad_override(argv) or e}")
+    from h2t import config as config_lib
+
+    sys.exit(f"error: {config_lib.unknown_key_message(argv) or e}")
   except flags.Error as e:
     sys.exit(f"error: {e}\n\n{FLAGS.main_module_help()}")
 

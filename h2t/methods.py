@@ -142,7 +142,7 @@ def run_finetune(backbone, task, cfg) -> dict[str, Any]:
   """Full fine-tuning: backbone + head on `pre_logits`, then its own streamed test."""
   import jax
 
-  from h2t import finetune, head2toe
+  from h2t import finetune, head2toe, platform
 
   images, labels = task.arrays("train800val200", image_size=backbone.input_size)
   learning = METHODS["finetune"].learning(cfg.learning)
@@ -155,7 +155,7 @@ def run_finetune(backbone, task, cfg) -> dict[str, Any]:
     backbone_params,
     head_params,
     task,
-    batch_size=int(cfg.backbone.batch_size),
+    batch_size=platform.resolve_batch_size(int(cfg.backbone.batch_size)),
     normalization=learning.feature_normalization,
   )
   n_backbone = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(backbone_params))

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from h2t.penalties import group_lasso, group_norms, penalty  # noqa: F401 -- part of the probe's API
+
 OPTIMIZERS = ("adam", "sgd")
 Params = dict[str, Any]
 
@@ -62,6 +64,10 @@ class TrainSpec:
   zero_init: bool = False
   hidden_units: int = 0
   hidden_trainable: bool = True
+  # Which penalties the program computes: (l1, l2, group). A term whose
+  # coefficient is 0 for every head of a program contributes exactly 0 to
+  # the loss and the gradient; leaving it out saves passes over the kernels.
+  penalized: tuple[bool, bool, bool] = (True, True, True)
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -122,11 +128,18 @@ def parse_output_head_type(value: str, num_classes: int) -> tuple[int, bool]:
   )
 
 
-def spec_from_learning(learning, num_classes: int) -> TrainSpec:
-  """The static trainer settings of a `config.learning`."""
+def spec_from_learning(learning, num_classes: int, program=()) -> TrainSpec:
+  """The static trainer settings of a `config.learning`.
+
+  `program`: the learning configs of every head sharing the compiled program
+  (default: this one alone); a penalty whose coefficient is 0 in all of them
+  is left out of the program (`TrainSpec.penalized`).
+  """
   hidden_units, hidden_trainable = parse_output_head_type(
     learning.get("output_head_type", "nohidden"), num_classes
   )
+  program = list(program) or [learning]
+  keys = ("l1_regularizer", "l2_regularizer", "group_lrp_regularizer_coef")
   return TrainSpec(
     num_classes=num_classes,
     training_steps=int(learning.training_steps),
@@ -139,6 +152,7 @@ def spec_from_learning(learning, num_classes: int) -> TrainSpec:
     zero_init=bool(learning.output_head_zeroinit),
     hidden_units=hidden_units,
     hidden_trainable=hidden_trainable,
+    penalized=tuple(any(float(lr[k]) != 0 for lr in program) for k in keys),
   )
 
 
@@ -205,60 +219,6 @@ def split_frozen(params: Params, spec: TrainSpec) -> tuple[Params, Params]:
     frozen = {k: params[k] for k in ("hidden_w", "hidden_b")}
     return {k: v for k, v in params.items() if k not in frozen}, frozen
   return dict(params), {}
-
-
-def _safe_root(s: jax.Array, order: float) -> jax.Array:
-  """`s ** (1 / order)` with a zero (not NaN) gradient where `s == 0`."""
-  pos = s > 0
-  return jnp.where(pos, jnp.where(pos, s, 1.0) ** (1.0 / order), 0.0)
-
-
-def group_norms(w: jax.Array, r: float, groups: jax.Array | None = None, num_groups: int = 0) -> jax.Array:
-  """The r-norm of each group of kernel rows.
-
-  Args:
-    w: `[dim, classes]` kernel; one row per input feature.
-    r: inner norm order.
-    groups: `[dim]` int group id of each row, or None: each row is a group.
-    num_groups: number of groups when `groups` is given.
-
-  Returns:
-    `[dim]` row norms, or `[num_groups]` group norms.
-  """
-  a = jnp.abs(w)
-  if math.isinf(r):
-    rows = a.max(axis=1)
-    return rows if groups is None else jax.ops.segment_max(rows, groups, num_groups)
-  rows = (a**r).sum(axis=1)
-  if groups is not None:
-    rows = jax.ops.segment_sum(rows, groups, num_groups)
-  return _safe_root(rows, r)
-
-
-def group_lasso(w: jax.Array, r: float = 2.0, p: float = 1.0, groups=None, num_groups: int = 0) -> jax.Array:
-  """Group penalty `|| (||w_g||_r)_g ||_p` (without the coefficient); ℓ2,1 by default."""
-  norms = group_norms(w, r, groups, num_groups)
-  if math.isinf(p):
-    return norms.max()
-  return _safe_root((norms**p).sum(), p)
-
-
-def penalty(params: Params, hp: HParams, spec: TrainSpec, groups=None, num_groups: int = 0) -> jax.Array:
-  """All kernel penalties: Keras-style L1 + L2 and the coefficient-weighted group norm.
-
-  As the reference's Keras head, every trained kernel is penalised (with a
-  hidden layer, both). Feature groups (`groups`) apply to the first kernel;
-  the output kernel after a hidden layer is grouped by rows.
-  """
-  out = 0.0
-  for name in ("hidden_w", "w"):
-    if name not in params:
-      continue
-    w = params[name]
-    g, ng = (groups, num_groups) if name == first_kernel_name(params) else (None, 0)
-    out = out + hp.l1 * jnp.abs(w).sum() + hp.l2 * (w**2).sum()
-    out = out + hp.group_coef * group_lasso(w, spec.group_r, spec.group_p, g, ng)
-  return out
 
 
 def batch_indices(key: jax.Array, n: int, steps: int, batch_size: int) -> jax.Array:
@@ -361,19 +321,13 @@ def train_heads(
 
 @functools.partial(jax.jit, static_argnames=("spec", "num_groups"))
 def train(
-  x: jax.Array,
-  y: jax.Array,
-  hp: HParams,
-  key: jax.Array,
-  *,
-  spec: TrainSpec,
-  groups: jax.Array | None = None,
-  num_groups: int = 0,
-) -> tuple[Params, jax.Array]:
+  x: jax.Array, y: jax.Array, hp: HParams, key: jax.Array, *, spec: TrainSpec, groups=None, num_groups=0
+):
   """One head on fixed features `x [n, dim]`, labels `y [n]`: `train_heads` with H = 1.
 
   The head starts from `init_head(split(key)[0])`; minibatches come from
-  `split(key)[1]`. Returns `(params, losses [training_steps])`.
+  `split(key)[1]`; `groups [dim]` / `num_groups` group the penalty's rows.
+  Returns `(params, losses [training_steps])`.
   """
   k_init, k_data = jax.random.split(key)
   params = jax.tree_util.tree_map(lambda v: v[None], init_head(k_init, x.shape[1], spec))

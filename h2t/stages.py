@@ -118,37 +118,27 @@ def transform_kept(
   return xk
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "num_taps", "mode"))
 def train_kept_features(
-  x: jax.Array,
-  y: jax.Array,
-  train_idx: jax.Array,
-  kept_idx: jax.Array,
-  kept_mask: jax.Array,
-  tap_of: jax.Array,
-  hp: HParams,
-  key: jax.Array,
-  *,
-  spec: TrainSpec,
-  num_taps: int,
-  mode: str,
-) -> tuple[Params, jax.Array]:
+  x: jax.Array, y: jax.Array, tap_of: jax.Array, hp: HParams, fold, spec, num_taps, mode
+):
   """Stage 2 for a grid: `H` fresh heads, each on its own kept features.
 
   Args:
     x: `[n, D]` raw (unnormalised) features.
     y: `[n]` labels.
-    train_idx: `[m]` the fold's training indices.
-    kept_idx, kept_mask: `[H, K]` from `select_top`.
     tap_of: `[D]` tap id of each feature.
     hp: hyperparameters with leaves `[H]`.
-    key: the fold's key.
+    fold: `(train_idx [m], kept_idx [H, K], kept_mask [H, K], key)`: the
+      fold's training indices, each head's kept features (`selection.select_top`)
+      and the fold's key.
+    spec, num_taps, mode: the trainer's settings, the tap count, the normalisation.
 
   Returns:
     `(params {'w': [H, K, classes], 'b': [H, classes]}, losses [H, steps])`;
     padded rows of `w` are zero. With a hidden layer the padded kernel is
     `hidden_w [H, K, hidden]` and `w` is `[H, hidden, classes]`.
   """
+  train_idx, kept_idx, kept_mask, key = fold
   k_init, k_data = jax.random.split(key)
   num_kept = kept_mask.sum(axis=1)
   num_heads, max_kept = kept_idx.shape
@@ -196,10 +186,7 @@ def train_kept_features_folds(
   no faster on the CPU (experiments/results/bench_grid_cpu.txt).
   """
 
-  def one(args):
-    tr, ki, km, key = args
-    return train_kept_features(x, y, tr, ki, km, tap_of, hp, key, spec=spec, num_taps=num_taps, mode=mode)
-
+  one = functools.partial(train_kept_features, x, y, tap_of, hp, spec=spec, num_taps=num_taps, mode=mode)
   return jax.lax.map(one, (train_idx, kept_idx, kept_mask, keys))
 
 
@@ -280,7 +267,7 @@ def stage1_scores(
   stage1 = jax.vmap(
     functools.partial(
       train_all_features,
-      spec=probe.spec_from_learning(sel[0], num_classes),
+      spec=probe.spec_from_learning(sel[0], num_classes, program=sel),
       groups=groups,
       num_groups=num_groups,
       per_feature=mode == "per_feature",

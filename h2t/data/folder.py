@@ -275,8 +275,15 @@ def load(name: str) -> FolderTask:
       images = load_images([p for p, _ in chunk], image_size)
       yield images, np.array([y for _, y in chunk], np.int32)
 
+  def verify(split: str) -> None:
+    # Decoded at a small draft size (JPEG) with no resize: a damaged test image is found before
+    # training starts, not after it.
+    for path, _ in splits[split]:
+      load_image(path, 8)
+
   return FolderTask(
     name=f"{short_name(name)}_{_fingerprint(root, names, files)}",
+    verify=verify,
     num_classes=len(names),
     split_sizes={k: len(v) for k, v in splits.items()},
     read=read,

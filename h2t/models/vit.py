@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from h2t import checkpoints
@@ -53,6 +55,82 @@ DOWNLOAD_HELP = (
   "token), or timm's model.safetensors / pytorch_model.bin from the Hugging Face Hub repositories "
   "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k, timm/vit_base_patch16_224.augreg_in21k, ..."
 )
+
+
+IMAGENET21K_CLASSES = 21843
+# Parameters (timm state-dict keys, Google npz key prefixes) of ViT families that compute something
+# else than the class-token ViT here; found in a file, they stop the load with what the file is.
+OTHER_FAMILIES = {
+  "fc_norm.weight": "global average pooling with fc_norm (timm's MAE / BEiT-style ViTs)",
+  "norm_pre.weight": "a LayerNorm before the encoder (timm's CLIP ViTs, *_clip_*)",
+  "reg_token": "register tokens (timm's *_reg4_* ViTs)",
+  "attn_pool.latent": "an attention-pooling head (timm's SigLIP / MAP-head ViTs)",
+  "MAPHead_0/probe": "an attention-pooling head (big_vision's SigLIP / MAP-head ViTs)",
+}
+# Old timm files (timm < 0.9, e.g. jx_vit_base_patch16_224_in21k-e5005f0a.pth) keep the original
+# ImageNet-21k representation layer that current timm drops; it is the npz's `pre_logits`.
+TIMM_REPRESENTATION = ("pre_logits.fc.weight", "pre_logits.fc.bias")
+
+
+def check_family(tensors: Mapping[str, Any], *, source: str) -> None:
+  """Raises CheckpointError, saying what the file is, for a ViT family this model does not compute."""
+  for marker, what in OTHER_FAMILIES.items():
+    if marker in tensors or f"params/{marker}" in tensors:
+      raise checkpoints.CheckpointError(
+        f"{source} is a ViT with {what} (it has {marker!r}); h2t's ViT is the class-token ViT of "
+        f"the reference. Use e.g. the Google ViT-B_16.npz or timm's "
+        f"vit_base_patch16_224.augreg2_in21k_ft_in1k / .augreg_in21k / .orig_in21k."
+      )
+
+
+def identify(flat: Mapping[str, Any], *, google: bool, input_size: int) -> str:
+  """Which known ViT checkpoint a converted parameter tree looks like, in words.
+
+  Told apart by the representation layer (`pre_logits`: only the original
+  ImageNet-21k files have it), the head's classes (21843: ImageNet-21k;
+  1000: fine-tuned on ImageNet-1k; none) and whether that head is all zeros
+  (the original ImageNet-21k head was zeroed before release).
+  """
+  classes = int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else 0
+  representation = "pre_logits/kernel" in flat
+  if representation and classes == IMAGENET21K_CLASSES:
+    zero = " (its 21843-class head is all zeros, as released)" if not np.any(flat["head/kernel"]) else ""
+    return (
+      "the original ImageNet-21k ViT (vision_transformer's imagenet21k/ files, e.g. ViT-B_16.npz) with "
+      f"its representation layer as pre_logits{zero}; timm's *.orig_in21k is the same encoder without it"
+    )
+  if representation:
+    return "a ViT with a representation layer (pre_logits = tanh(Dense(cls_embedded)))"
+  if classes == IMAGENET21K_CLASSES:
+    return "an AugReg ImageNet-21k ViT (augreg/*-i21k-300ep-*.npz, timm's *.augreg_in21k); pre_logits = cls_embedded"
+  if classes == 1000:
+    return f"an ImageNet-1k fine-tuned ViT (the *_ft_in1k / imagenet2012 files) made at {input_size} px"
+  if classes == 0:
+    kind = "timm ViT without a head, e.g. *.orig_in21k" if not google else "ViT without a head"
+    return f"a {kind}: pre_logits = cls_embedded (no representation layer)"
+  return f"a ViT with a {classes}-class head"
+
+
+def _check_name_matches(path: str, flat: Mapping[str, Any], grid: int, patch: int) -> None:
+  """'ViT-B_16.npz' names both the ImageNet-21k original and its ImageNet-1k fine-tune: say which."""
+  if os.path.basename(path) != "ViT-B_16.npz" or "pre_logits/kernel" in flat:
+    return
+  classes = int(flat["head/kernel"].shape[-1]) if "head/kernel" in flat else 0
+  if classes == 1000:
+    likely = "the ImageNet-1k fine-tuned file of the same name (imagenet21k+imagenet2012/)"
+  elif classes == IMAGENET21K_CLASSES:
+    likely = "an AugReg ImageNet-21k file (augreg/B_16-i21k-*.npz) under this name"
+  else:
+    likely = "another ViT under this name"
+  logging.warning(
+    "%s is not the original ImageNet-21k ViT-B_16.npz (imagenet21k/: a pre_logits layer and 21843 "
+    "classes, the ViT-B/16 (i21k) of published VTAB-1k results): it has no pre_logits layer and %d "
+    "classes at %d px, so it is probably %s.",
+    path,
+    classes,
+    grid * patch,
+    likely,
+  )
 
 
 def tap_names(depth: int = 12) -> tuple[str, ...]:
@@ -216,18 +294,30 @@ def load(checkpoint: str | None, *, input_size: int | None = None) -> common.Loa
   if checkpoint is None:
     raise checkpoints.CheckpointError(DOWNLOAD_HELP)
   checkpoint = os.fspath(checkpoint)
-  tensors = checkpoints.read_tensors(checkpoint)
+  tensors = dict(checkpoints.read_tensors(checkpoint))
+  check_family(tensors, source=checkpoint)
   google = checkpoint.lower().endswith(".npz")
   with checkpoints.converting(checkpoint, "ViT"):
     if google:
       converted = google_vit.convert(tensors, source=checkpoint)
     else:
+      # Both or neither: a lone half stays in the tensors, and the strict merge names it.
+      has_representation = all(k in tensors for k in TIMM_REPRESENTATION)
+      weight, bias = (
+        (np.asarray(tensors.pop(k)) for k in TIMM_REPRESENTATION) if has_representation else (0, 0)
+      )
       converted = torch_layouts.vit_from_timm(tensors, source=checkpoint)
+      if has_representation:
+        converted["pre_logits"] = {"kernel": weight.T, "bias": bias}
     module = from_params(converted, gelu_approximate=google)
     flat = checkpoints.flatten(converted)
     if google_vit.POSEMB not in flat:
       raise checkpoints.CheckpointError(f"checkpoint {checkpoint!r} has no position embeddings")
     grid = google_vit.grid_size(flat[google_vit.POSEMB])
+    logging.info(
+      "%s looks like %s", checkpoint, identify(flat, google=google, input_size=grid * module.patch)
+    )
+    _check_name_matches(checkpoint, flat, grid, module.patch)
     size = input_size or grid * module.patch
     if size % module.patch:
       raise checkpoints.CheckpointError(

@@ -1,0 +1,114 @@
+"""Bytes moved per training step of the grid's programs, against the work's minimum.
+
+    python experiments/bench_grid_bytes.py [--dims=81536,1306472,2612944] [--heads1=4] [--heads2=16]
+
+XLA's cost analysis of the compiled stage-1 and stage-2 programs gives the
+bytes each touches; the difference between a 2-step and a 1-step program is
+one step. Nothing is run, so paper-sized programs (D up to ~2.6M features)
+can be measured on a laptop CPU. The minimum of a step:
+
+* stage 1 (H heads on all D features, shared minibatch of B): gather the
+  minibatch once (read + write B*D), read it for the forward and the backward
+  matmul, and read + write each head's kernel and its two Adam moments
+  (6*D*C per head);
+* stage 2 (H heads, each on its own K kept features): read each head's
+  minibatch rows of its kept features (H*B*K) for the forward and the
+  backward pass, and read + write each head's kernel and moments (6*K*C).
+
+Float32 throughout. The ratio measured / minimum is what the issue bounds
+(<= 2x on the paper grid).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from h2t import probe, stages
+
+F32 = 4
+# The paper grid's penalties: stage 1 has the group penalty only (its l2,1
+# coefficients 1e-3 / 1e-5), stage 2 none (the base learning config's are 0).
+# `--all_penalties` measures programs that compute every penalty, as before.
+PENALIZED_1, PENALIZED_2 = (False, False, True), (False, False, False)
+
+
+def step_bytes(fn, args) -> float:
+  """Bytes of one step: cost(2 steps) - cost(1 step) of the compiled program."""
+  costs = []
+  for steps in (1, 2):
+    cost = jax.jit(lambda *a, s=steps: fn(s, *a)).lower(*args).compile().cost_analysis()
+    cost = cost if isinstance(cost, dict) else cost[0]
+    costs.append(float(cost["bytes accessed"]))
+  return costs[1] - costs[0]
+
+
+def stage1(dim: int, heads: int, classes: int, n: int, m: int, batch: int) -> tuple[float, float]:
+  def fn(steps, x, y, tr, hp, key):
+    spec = probe.TrainSpec(num_classes=classes, training_steps=steps, batch_size=batch, penalized=PENALIZED_1)
+    return stages.train_all_features(x, y, tr, hp, key, spec=spec)
+
+  args = (
+    jax.ShapeDtypeStruct((n, dim), jnp.float32),
+    jax.ShapeDtypeStruct((n,), jnp.int32),
+    jax.ShapeDtypeStruct((m,), jnp.int32),
+    probe.HParams(*[jax.ShapeDtypeStruct((heads,), jnp.float32)] * 4),
+    jax.random.key(0),
+  )
+  minimum = F32 * (2 * batch * dim + 2 * batch * dim + 6 * heads * dim * classes)
+  return step_bytes(fn, args), minimum
+
+
+def stage2(dim: int, kept: int, heads: int, classes: int, n: int, m: int, batch: int) -> tuple[float, float]:
+  def fn(steps, x, y, tap_of, hp, tr, idx, mask, key):
+    spec = probe.TrainSpec(num_classes=classes, training_steps=steps, batch_size=batch, penalized=PENALIZED_2)
+    return stages.train_kept_features(
+      x, y, tap_of, hp, (tr, idx, mask, key), spec=spec, num_taps=50, mode="unit_vector"
+    )
+
+  args = (
+    jax.ShapeDtypeStruct((n, dim), jnp.float32),
+    jax.ShapeDtypeStruct((n,), jnp.int32),
+    jax.ShapeDtypeStruct((dim,), jnp.int32),
+    probe.HParams(*[jax.ShapeDtypeStruct((heads,), jnp.float32)] * 4),
+    jax.ShapeDtypeStruct((m,), jnp.int32),
+    jax.ShapeDtypeStruct((heads, kept), jnp.int32),
+    jax.ShapeDtypeStruct((heads, kept), jnp.float32),
+    jax.random.key(0),
+  )
+  minimum = F32 * (2 * heads * batch * kept + 6 * heads * kept * classes)
+  return step_bytes(fn, args), minimum
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  # ResNet-50's feature counts at the paper's target sizes 1024 / 16384 / 40000.
+  parser.add_argument("--dims", default="81536,1306472,2612944")
+  parser.add_argument("--heads1", type=int, default=4, help="distinct stage-1 settings per program")
+  parser.add_argument("--heads2", type=int, default=16, help="grid points per stage-2 program")
+  parser.add_argument("--keep", type=float, default=0.2, help="largest keep fraction (stage-2 width)")
+  parser.add_argument("--classes", type=int, default=100)
+  parser.add_argument("--all_penalties", action="store_true")
+  args = parser.parse_args()
+  if args.all_penalties:
+    global PENALIZED_1, PENALIZED_2
+    PENALIZED_1 = PENALIZED_2 = (True, True, True)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch 128, 1000 examples, 800 per fold")
+  print("| program | D | heads | K | bytes/step measured | minimum | ratio |")
+  print("|---|---|---|---|---|---|---|")
+  for dim in (int(d) for d in args.dims.split(",")):
+    got, low = stage1(dim, args.heads1, args.classes, 1000, 800, 128)
+    print(
+      f"| stage 1 | {dim} | {args.heads1} | - | {got / 1e9:.3f} GB | {low / 1e9:.3f} GB | {got / low:.2f}x |"
+    )
+    kept = int(dim * args.keep)
+    got, low = stage2(dim, kept, args.heads2, args.classes, 1000, 800, 128)
+    print(
+      f"| stage 2 | {dim} | {args.heads2} | {kept} | {got / 1e9:.3f} GB | {low / 1e9:.3f} GB | {got / low:.2f}x |"
+    )
+
+
+if __name__ == "__main__":
+  main()
