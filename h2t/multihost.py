@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging as py_logging
 import os
 import sys
 import threading
@@ -202,7 +203,7 @@ def _exit(line: str, code: int = 1) -> None:
   logging.error("%s", line)  # process 0: into log.txt too
   print(line, file=sys.stderr, flush=True)
   sys.stdout.flush()
-  for handler in logging.get_absl_logger().handlers + __import__("logging").getLogger("h2t.trace").handlers:
+  for handler in logging.get_absl_logger().handlers + py_logging.getLogger("h2t.trace").handlers:
     try:
       handler.flush()
     except Exception:  # noqa: BLE001
