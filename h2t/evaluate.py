@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import resource
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -30,12 +28,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from h2t import backbones, cache, data, features, files, grid, head2toe, multihost, platform
+from h2t import backbones, cache, data, features, files, grid, head2toe, multihost, outputs, platform
 from h2t import config as config_lib
 from h2t import methods as methods_lib
 from h2t.data import base
 from h2t.head import Head
 from h2t.methods import is_linear_tap, linear_taps  # noqa: F401 -- re-exported for callers
+from h2t.outputs import summary_lines, write_scalars  # noqa: F401 -- summary_lines: re-exported
 
 RESULTS = "results.json"
 
@@ -293,10 +292,6 @@ def stream_test(networks, task, heads: dict[str, Head], batch_size: int) -> dict
   return {name: c / n for name, c in counted.items()}
 
 
-def _peak_rss_mib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _header(ctx: Context) -> dict[str, Any]:
   config, first = ctx.config, ctx.points[0][1]
   backbone = ctx.backbone(first)
@@ -358,7 +353,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
       results["test_images_per_s"] = ctx.task.size("test") / ctx.timings["test"]
       _record_heads(ctx, chosen, heads, test_acc, results)
     results["timings_s"] = ctx.timings
-    results["peak_rss_mib"] = _peak_rss_mib()
+    results["peak_rss_mib"] = outputs.peak_rss_mib()
     results["devices"] = [str(d) for d in jax.devices()]
     results["num_processes"] = jax.process_count()
     if writes:
@@ -400,47 +395,3 @@ def commit(workdir: str, heads: dict[str, Head], results: dict[str, Any]) -> Non
     head.save(head_path)
     results["methods"][name]["head_bytes"] = os.path.getsize(head_path)
   files.atomic_write_json(path, results)
-
-
-def write_scalars(writer, results: dict[str, Any]) -> None:
-  """TensorBoard scalars: timings, every float of each method, CV accuracy by grid point."""
-  scalars = {f"timing/{k}": v for k, v in results["timings_s"].items()}
-  for method, r in results["methods"].items():
-    for k, v in r.items():
-      if isinstance(v, float):
-        scalars[f"{method}/{k}"] = v
-  writer.write_scalars(0, scalars)
-  for method, entries in results["grid"].items():
-    for i, e in enumerate(entries):
-      writer.write_scalars(i, {f"{method}/cv_accuracy_by_grid_point": e["mean"]})
-  writer.flush()
-
-
-def summary_lines(results: dict[str, Any]) -> Sequence[str]:
-  """A short human-readable summary of `results` (what `h2t.main` prints)."""
-  lines = [
-    f"task {results['task']} ({results['num_classes']} classes), backbone {results['backbone']['name']} "
-    f"at {results['backbone']['input_size']} px: {results['num_features']} features from {len(results['taps'])} "
-    f"taps; {results['num_grid_points']} grid point(s) x 5 folds"
-  ]
-  for method, r in results["methods"].items():
-    parts = [f"  {method:9s}"]
-    if "valid_accuracy" in r:
-      parts.append(f"CV accuracy {100 * r['valid_accuracy']:6.2f}%")
-    if "test_accuracy" in r:
-      detail = (
-        f"{r['num_kept']} features"
-        if "num_kept" in r
-        else f"{r.get('trainable_parameters', 0)} parameters trained"
-      )
-      parts.append(f"test accuracy {100 * r['test_accuracy']:6.2f}%  ({detail})")
-    if r.get("chosen_point"):
-      parts.append("chosen " + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["chosen_point"].items()))
-    lines.append("  ".join(parts))
-  t = results["timings_s"]
-  lines.append(
-    "  time: "
-    + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
-    + f"; peak RSS {results['peak_rss_mib']:.0f} MiB"
-  )
-  return lines

@@ -14,7 +14,6 @@ cast on the device, taps pooled in float32).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import time
 import weakref
@@ -23,14 +22,15 @@ from collections.abc import Iterable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-from h2t import platform
+from h2t import platform, sharding
 from h2t.backbones import Backbone
 from h2t.data import prefetch as prefetch_lib
+from h2t.platform import ExtractionStats  # noqa: F401 -- part of this module's API
 from h2t.pooling import (  # noqa: F401 -- part of this module's API
   CLS_TOKEN_POOL_MODES,
   SIZE_SEP,
+  check_taps,
   pool_size_for,
   pool_tap,
   sized_taps,
@@ -84,33 +84,14 @@ def _pooled_taps(
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _extract_batch(
-  params,
-  images: jax.Array,
-  *,
-  backbone: Backbone,
-  taps: tuple[str, ...],
-  target_size: int,
-  cls_token_pool: str,
-  pool_size: int,
-  dtype: str,
-) -> tuple[jax.Array, jax.Array]:
+def _extract_batch(params, images: jax.Array, **static) -> tuple[jax.Array, jax.Array]:
   """`images [B, h, w, 3]` -> `(features [B, D] float32, bad [B] bool)`.
 
   `features` holds the pooled taps side by side in `taps` order, so a batch
   leaves the device as one array; `bad[i]`: image i may have a non-finite
   feature (checked here, so the host scans only the flagged rows).
   """
-  pooled = _pooled_taps(
-    params,
-    images,
-    backbone=backbone,
-    taps=taps,
-    target_size=target_size,
-    cls_token_pool=cls_token_pool,
-    pool_size=pool_size,
-    dtype=dtype,
-  )
+  pooled = _pooled_taps(params, images, **static)
   feats = jnp.concatenate(list(pooled.values()), axis=1)
   # A row's sum is non-finite if any of its features is (or if it overflows, which the host
   # then rules out). On the CPU it costs nothing measurable; `isfinite(feats).all(axis=1)`
@@ -134,49 +115,6 @@ def _layout(params, images: jax.Array, static: dict) -> tuple[tuple[str, int, in
   return known[key]
 
 
-def _data_parallel(backbone: Backbone, batch_size: int):
-  """Params replicated and a batch sharding over all local devices, or (params, None) on one device.
-
-  The batch axis is split along a 1-D mesh ('data'), so every device runs the
-  backbone on its slice; pooled features come back gathered.
-  """
-  devices = jax.local_devices()
-  if len(devices) == 1:
-    return backbone.params, None
-  if batch_size % len(devices):
-    raise ValueError(
-      f"extraction batch_size={batch_size} must be a multiple of the {len(devices)} local devices "
-      "(set config.backbone.batch_size, or 0 for the platform's default)"
-    )
-  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  return jax.device_put(backbone.params, replicated), batch
-
-
-@dataclasses.dataclass
-class ExtractionStats:
-  """What `extract_batches(..., stats=...)` moved and waited for (added to, never reset).
-
-  Attributes:
-    images: real images extracted (padding excluded).
-    batches: forward passes.
-    bytes_to_device: image batches sent, padding included.
-    bytes_from_device: feature batches and finiteness flags fetched, padding included.
-    feature_bytes: pooled features of the real images: the least any extraction fetches.
-    input_wait_seconds: time the device loop waited for the reading thread.
-    device_wait_seconds: time spent waiting for a batch's features to arrive.
-  """
-
-  images: int = 0
-  batches: int = 0
-  bytes_to_device: int = 0
-  bytes_from_device: int = 0
-  feature_bytes: int = 0
-  input_wait_seconds: float = 0.0
-  device_wait_seconds: float = 0.0
-
-
 def _check_finite(
   feats: np.ndarray, bad: np.ndarray, layout, first: int, backbone: Backbone, dtype: str
 ) -> None:
@@ -198,49 +136,39 @@ def _check_finite(
   )
 
 
-def check_taps(backbone: Backbone, taps: Sequence[str]) -> tuple[str, ...]:
-  """Validates tap names against the backbone ('input' is the image itself; '<tap>@<size>' allowed)."""
-  valid = set(backbone.tap_names) | {"input"}
-  unknown = [t for t in taps if split_tap(t)[0] not in valid]
-  if unknown:
-    raise ValueError(
-      f"backbone {backbone.name!r} has no tap {', '.join(map(repr, unknown))}; "
-      f"its taps are: input, {', '.join(backbone.tap_names)}"
-    )
-  return tuple(taps)
+def _pooling(taps, target_size, cls_token_pool, pool_size, dtype) -> dict:
+  """The static pooling settings of `_extract_batch` (all but the backbone)."""
+  return dict(
+    taps=tuple(taps),
+    target_size=int(target_size),
+    cls_token_pool=cls_token_pool,
+    pool_size=int(pool_size),
+    dtype=dtype,
+  )
 
 
 def _stream(
   backbone: Backbone,
   batches: Iterable[tuple[np.ndarray, np.ndarray]],
+  pooling: dict,
   *,
-  taps: tuple[str, ...],
-  target_size: int,
   batch_size: int,
-  cls_token_pool: str,
-  pool_size: int,
   total: int | None,
-  dtype: str,
   prefetch: int = 2,
   in_flight: int = 2,
   stats: ExtractionStats | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[tuple[str, int, int], ...]]]:
   """`extract_batches`, yielding `(features [b, D], labels [b], layout)` per batch,
-  `layout` the `(tap, start, stop)` column range of every tap."""
-  static = dict(
-    backbone=backbone,
-    taps=check_taps(backbone, taps),
-    target_size=int(target_size),
-    cls_token_pool=cls_token_pool,
-    pool_size=int(pool_size),
-    dtype=check_dtype(dtype),
-  )
+  `layout` the `(tap, start, stop)` column range of every tap. `pooling`: `_pooling(...)`."""
+  static = dict(backbone=backbone, **pooling)
+  static["taps"] = check_taps(backbone, static["taps"])
+  dtype = check_dtype(static["dtype"])
   if in_flight < 1:
     raise ValueError(f"in_flight={in_flight}; expected at least 1 batch on the device")
   batch_size = platform.resolve_batch_size(batch_size)
-  params, placement = _data_parallel(backbone, batch_size)
+  params, placement = sharding.data_parallel(backbone, batch_size)
   stats = ExtractionStats() if stats is None else stats
-  progress = _Progress(total)
+  progress = platform.Progress(total)
 
   def send(batch):  # on the reading thread
     images, labels = batch
@@ -289,24 +217,6 @@ def _stream(
       yield fetch(*pending.popleft())
   finally:
     source.close()
-
-
-class _Progress:
-  """Logs images/s and the time left every 10 s."""
-
-  def __init__(self, total: int | None):
-    self.total, self.start = total, time.perf_counter()
-    self.last = self.start
-
-  def __call__(self, done: int) -> None:
-    now = time.perf_counter()
-    if now - self.last > 10:
-      rate = done / (now - self.start)
-      eta = f", {(self.total - done) / rate:.0f}s left" if self.total else ""
-      logging.info(
-        "extracted %d%s images, %.1f images/s%s", done, f"/{self.total}" if self.total else "", rate, eta
-      )
-      self.last = now
 
 
 def extract_batches(
@@ -361,13 +271,9 @@ def extract_batches(
   for feats, labels, layout in _stream(
     backbone,
     batches,
-    taps=tuple(taps),
-    target_size=target_size,
+    _pooling(taps, target_size, cls_token_pool, pool_size, dtype),
     batch_size=batch_size,
-    cls_token_pool=cls_token_pool,
-    pool_size=pool_size,
     total=total,
-    dtype=dtype,
     prefetch=prefetch,
     in_flight=in_flight,
     stats=stats,
@@ -417,14 +323,10 @@ def extract(
     _stream(
       backbone,
       batches,
-      taps=tuple(taps),
-      target_size=target_size,
+      _pooling(taps, target_size, cls_token_pool, pool_size, dtype),
       batch_size=batch_size,
-      cls_token_pool=cls_token_pool,
-      pool_size=pool_size,
       total=n,
-      dtype=dtype,
-      prefetch=0,  # the images are in memory already
+      prefetch=0,
     )
   )[0]
 
@@ -436,11 +338,11 @@ def extract_task_split(
   *,
   taps: Sequence[str],
   target_size: int,
-  batch_size: int = 64,
   cls_token_pool: str = "normal",
   pool_size: int = 0,
-  dtype: str = "float32",
+  batch_size: int = 64,
   stats: ExtractionStats | None = None,
+  dtype: str = "float32",
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Features and labels of a whole task split: `({tap: [n, d]}, labels [n])`.
 
@@ -451,13 +353,9 @@ def extract_task_split(
     _stream(
       backbone,
       task.batches(split, batch_size, image_size=backbone.input_size),
-      taps=tuple(taps),
-      target_size=target_size,
+      _pooling(taps, target_size, cls_token_pool, pool_size, dtype),
       batch_size=batch_size,
-      cls_token_pool=cls_token_pool,
-      pool_size=pool_size,
       total=task.size(split),
-      dtype=dtype,
       stats=stats,
     )
   )

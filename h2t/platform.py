@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import jax
+from absl import logging
 
 # Images per extraction forward pass, per device, when the config leaves it 0:
 # a CPU gains nothing beyond ~64 (and holds every tap of the batch in RAM);
@@ -133,3 +135,44 @@ class CompileMonitor:
   def __exit__(self, *exc) -> None:
     jax.monitoring.unregister_event_duration_listener(self._on_duration)
     jax.monitoring.unregister_event_listener(self._on_event)
+
+
+@dataclasses.dataclass
+class ExtractionStats:
+  """What `extract_batches(..., stats=...)` moved and waited for (added to, never reset).
+
+  Attributes:
+    images: real images extracted (padding excluded).
+    batches: forward passes.
+    bytes_to_device: image batches sent, padding included.
+    bytes_from_device: feature batches and finiteness flags fetched, padding included.
+    feature_bytes: pooled features of the real images: the least any extraction fetches.
+    input_wait_seconds: time the device loop waited for the reading thread.
+    device_wait_seconds: time spent waiting for a batch's features to arrive.
+  """
+
+  images: int = 0
+  batches: int = 0
+  bytes_to_device: int = 0
+  bytes_from_device: int = 0
+  feature_bytes: int = 0
+  input_wait_seconds: float = 0.0
+  device_wait_seconds: float = 0.0
+
+
+class Progress:
+  """Logs images/s and the time left every 10 s."""
+
+  def __init__(self, total: int | None):
+    self.total, self.start = total, time.perf_counter()
+    self.last = self.start
+
+  def __call__(self, done: int) -> None:
+    now = time.perf_counter()
+    if now - self.last > 10:
+      rate = done / (now - self.start)
+      eta = f", {(self.total - done) / rate:.0f}s left" if self.total else ""
+      logging.info(
+        "extracted %d%s images, %.1f images/s%s", done, f"/{self.total}" if self.total else "", rate, eta
+      )
+      self.last = now

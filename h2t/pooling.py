@@ -118,3 +118,15 @@ def pool_tap(
     out = x.mean(axis=1) if pool <= 0 else _avg_pool_1d(x, pool).reshape(x.shape[0], -1)
     return out if cls is None else jnp.concatenate([cls, out], axis=1)
   raise ValueError(f"tap of shape {x.shape} is neither 2-D, 3-D nor 4-D")
+
+
+def check_taps(backbone, taps: Sequence[str]) -> tuple[str, ...]:
+  """Validates tap names against the backbone ('input' is the image itself; '<tap>@<size>' allowed)."""
+  valid = set(backbone.tap_names) | {"input"}
+  unknown = [t for t in taps if split_tap(t)[0] not in valid]
+  if unknown:
+    raise ValueError(
+      f"backbone {backbone.name!r} has no tap {', '.join(map(repr, unknown))}; "
+      f"its taps are: input, {', '.join(backbone.tap_names)}"
+    )
+  return tuple(taps)

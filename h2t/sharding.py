@@ -55,3 +55,23 @@ class HeadSharding:
     if self.mesh is None:
       return a
     return jax.device_put(a, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+
+
+def data_parallel(backbone, batch_size: int):
+  """Params replicated and a batch sharding over all local devices, or (params, None) on one device.
+
+  The batch axis is split along a 1-D mesh ('data'), so every device runs the
+  backbone on its slice; pooled features come back gathered.
+  """
+  devices = jax.local_devices()
+  if len(devices) == 1:
+    return backbone.params, None
+  if batch_size % len(devices):
+    raise ValueError(
+      f"extraction batch_size={batch_size} must be a multiple of the {len(devices)} local devices "
+      "(set config.backbone.batch_size, or 0 for the platform's default)"
+    )
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  return jax.device_put(backbone.params, replicated), batch

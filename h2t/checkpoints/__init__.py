@@ -188,3 +188,15 @@ def merge_strict(
 
     logging.warning("%s: replaced parameters of another shape: %s", source, "; ".join(replaced))
   return unflatten(merged)
+
+
+def require(path, help_text: str) -> str:
+  """`path` as a string; None (no checkpoint given) is a `CheckpointError` carrying `help_text`."""
+  if path is None:
+    raise CheckpointError(help_text)
+  return os.fspath(path)
+
+
+def file_id(path: str) -> str:
+  """`<file name>:<hash of its bytes>`: what a head records of the weights it was trained on."""
+  return f"{os.path.basename(path)}:{file_hash(path)}"

@@ -115,29 +115,9 @@ def dataset(
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def read(
-  builder: tfds.core.DatasetBuilder,
-  split: str,
-  *,
-  batch_size: int,
-  image_size: int,
-  label: Label,
-  num_classes: int,
-  binary_image: bool = False,
-  name: str = "",
-) -> Iterator[base.Batch]:
-  """Streams `dataset(...)` as numpy batches `(images [b, S, S, 3] float32, labels [b] int32)`."""
-  ds = dataset(
-    builder,
-    split,
-    batch_size=batch_size,
-    image_size=image_size,
-    label=label,
-    num_classes=num_classes,
-    binary_image=binary_image,
-    name=name,
-  )
-  yield from ds.as_numpy_iterator()
+def read(builder: tfds.core.DatasetBuilder, split: str, **kwargs) -> Iterator[base.Batch]:
+  """Streams `dataset(builder, split, **kwargs)` as numpy batches `(images [b, S, S, 3] float32, labels [b] int32)`."""
+  yield from dataset(builder, split, **kwargs).as_numpy_iterator()
 
 
 def split_sizes(builder: tfds.core.DatasetBuilder, splits: Mapping[str, str]) -> dict[str, int]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -65,3 +66,14 @@ class LoadedModel:
   normalization: Normalization
   tap_names: tuple[str, ...]
   checkpoint_id: str
+
+
+def classifier(x, taps: dict, num_classes: int, name: str):
+  """The end of a convolutional backbone: global average pool (`pre_logits`), then a Dense (`logits`).
+
+  Call inside a `@nn.compact` method; `name` names the Dense layer's parameters.
+  Returns `(logits, taps)`.
+  """
+  taps["pre_logits"] = x = jnp.mean(x, axis=(1, 2))
+  taps["logits"] = logits = nn.Dense(num_classes, name=name)(x)
+  return logits, taps

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 import re
 from collections.abc import Mapping, Sequence
 
@@ -269,11 +268,7 @@ class EfficientNetLite(nn.Module):
       common.FrozenBatchNorm(BN_EPS, name="_bn1")(_conv(HEAD_CHANNELS, 1, name="_conv_head")(x))
     )
     taps["head"] = x
-    x = jnp.mean(x, axis=(1, 2))
-    taps["pre_logits"] = x
-    logits = nn.Dense(self.num_classes, name="_fc")(x)
-    taps["logits"] = logits
-    return logits, taps
+    return common.classifier(x, taps, self.num_classes, name="_fc")
 
 
 def convert_state_dict(state_dict: dict[str, np.ndarray]) -> dict:
@@ -357,5 +352,5 @@ def load(
     input_size=size,
     normalization=NORMALIZATION,
     tap_names=tap_names(blocks),
-    checkpoint_id=f"{os.path.basename(path)}:{checkpoints.file_hash(path)}",
+    checkpoint_id=checkpoints.file_id(path),
   )

@@ -25,7 +25,6 @@ ResNet-50 (units 3, 4, 6, 3) has 52 taps.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -157,11 +156,7 @@ class ResNet(nn.Module):
         for j, t in enumerate(unit_taps):
           taps[f"block{i + 1}_unit{k}_layer{j}"] = t
     taps["pre_logits_pre_pooling"] = x
-    x = jnp.mean(x, axis=(1, 2))
-    taps["pre_logits"] = x
-    logits = nn.Dense(self.num_classes, name="fc")(x)
-    taps["logits"] = logits
-    return logits, taps
+    return common.classifier(x, taps, self.num_classes, name="fc")
 
 
 def from_params(params: Mapping[str, Any]) -> ResNet:
@@ -201,12 +196,10 @@ def load(checkpoint: str | None, *, input_size: int | None = None) -> common.Loa
     input_size: square input resolution; default 224.
 
   Raises:
-    CheckpointError: no checkpoint given, unreadable file, or a file that
-      does not fit the model (every mismatched key named).
+    CheckpointError: no file given (the message says where to get one), a
+      damaged file, or one whose parameters do not fit (each named).
   """
-  if checkpoint is None:
-    raise checkpoints.CheckpointError(DOWNLOAD_HELP)
-  checkpoint = os.fspath(checkpoint)
+  checkpoint = checkpoints.require(checkpoint, DOWNLOAD_HELP)
   tensors = checkpoints.read_tensors(checkpoint)
   with checkpoints.converting(checkpoint, "ResNet"):
     converted = torch_layouts.resnet_from_torch(tensors, source=checkpoint)
@@ -221,11 +214,5 @@ def load(checkpoint: str | None, *, input_size: int | None = None) -> common.Loa
     module.width,
     module.num_classes,
   )
-  return common.LoadedModel(
-    module=module,
-    params=params,
-    input_size=size,
-    normalization=common.IMAGENET,
-    tap_names=tap_names(module.stage_sizes),
-    checkpoint_id=f"{os.path.basename(checkpoint)}:{checkpoints.file_hash(checkpoint)}",
-  )
+  taps = tap_names(module.stage_sizes)
+  return common.LoadedModel(module, params, size, common.IMAGENET, taps, checkpoints.file_id(checkpoint))

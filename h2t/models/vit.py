@@ -291,9 +291,7 @@ def load(checkpoint: str | None, *, input_size: int | None = None) -> common.Loa
     CheckpointError: no checkpoint given, unreadable file, or a file that
       does not fit the model (every mismatched key named).
   """
-  if checkpoint is None:
-    raise checkpoints.CheckpointError(DOWNLOAD_HELP)
-  checkpoint = os.fspath(checkpoint)
+  checkpoint = checkpoints.require(checkpoint, DOWNLOAD_HELP)
   tensors = dict(checkpoints.read_tensors(checkpoint))
   check_family(tensors, source=checkpoint)
   google = checkpoint.lower().endswith(".npz")
@@ -336,5 +334,5 @@ def load(checkpoint: str | None, *, input_size: int | None = None) -> common.Loa
     # Google npz and timm's vit_base_patch16_224.* weights both take [-1, 1] inputs.
     normalization=common.MINUS_ONE_ONE,
     tap_names=tap_names(module.depth),
-    checkpoint_id=f"{os.path.basename(checkpoint)}:{checkpoints.file_hash(checkpoint)}",
+    checkpoint_id=checkpoints.file_id(checkpoint),
   )

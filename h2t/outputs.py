@@ -1,0 +1,56 @@
+"""What a run reports: TensorBoard scalars and the summary `h2t.main` prints."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Sequence
+from typing import Any
+
+
+def write_scalars(writer, results: dict[str, Any]) -> None:
+  """TensorBoard scalars: timings, every float of each method, CV accuracy by grid point."""
+  scalars = {f"timing/{k}": v for k, v in results["timings_s"].items()}
+  for method, r in results["methods"].items():
+    for k, v in r.items():
+      if isinstance(v, float):
+        scalars[f"{method}/{k}"] = v
+  writer.write_scalars(0, scalars)
+  for method, entries in results["grid"].items():
+    for i, e in enumerate(entries):
+      writer.write_scalars(i, {f"{method}/cv_accuracy_by_grid_point": e["mean"]})
+  writer.flush()
+
+
+def summary_lines(results: dict[str, Any]) -> Sequence[str]:
+  """A short human-readable summary of `results` (what `h2t.main` prints)."""
+  lines = [
+    f"task {results['task']} ({results['num_classes']} classes), backbone {results['backbone']['name']} "
+    f"at {results['backbone']['input_size']} px: {results['num_features']} features from {len(results['taps'])} "
+    f"taps; {results['num_grid_points']} grid point(s) x 5 folds"
+  ]
+  for method, r in results["methods"].items():
+    parts = [f"  {method:9s}"]
+    if "valid_accuracy" in r:
+      parts.append(f"CV accuracy {100 * r['valid_accuracy']:6.2f}%")
+    if "test_accuracy" in r:
+      detail = (
+        f"{r['num_kept']} features"
+        if "num_kept" in r
+        else f"{r.get('trainable_parameters', 0)} parameters trained"
+      )
+      parts.append(f"test accuracy {100 * r['test_accuracy']:6.2f}%  ({detail})")
+    if r.get("chosen_point"):
+      parts.append("chosen " + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["chosen_point"].items()))
+    lines.append("  ".join(parts))
+  t = results["timings_s"]
+  lines.append(
+    "  time: "
+    + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
+    + f"; peak RSS {results['peak_rss_mib']:.0f} MiB"
+  )
+  return lines
+
+
+def peak_rss_mib() -> float:
+  """The process's peak resident memory so far, MiB."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
