@@ -119,7 +119,7 @@ def train_features(
     pool_size=int(bcfg.additional_features_pool_size),
   )
   if multihost.is_writer() and (os.path.isdir(cache_dir) or _makedirs(cache_dir)):
-    files.sweep_temporaries(cache_dir, older_than_s=3600)
+    files.sweep_temporaries(cache_dir, older_than_s=3600)  # a shared cache: spare live writers
     write(path, feats, labels)
   return feats, labels, False
 

@@ -157,7 +157,7 @@ FIELDS: dict[str, Field] = {
   "data_dir": Field(_string),
   "fashion_mnist_dir": Field(_string),
   "eval_mode": Field(_choice(("test", "valid"))),
-  "seed": Field(_number(int, 0)),
+  "seed": Field(_number(int, 0, 2**31 - 1)),
   "sweep": Field(_string),
   "cache_dir": Field(_string),
   "compilation_cache_dir": Field(_string),

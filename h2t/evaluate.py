@@ -142,6 +142,8 @@ def load(ctx: Context) -> None:
 def extract(ctx: Context) -> None:
   """Phase 2: training features, one extraction (or cache read) per distinct feature setting."""
   cache_dir = ctx.config.cache_dir or os.path.join(ctx.workdir, "cache")
+  if not ctx.config.cache_dir and multihost.is_writer():
+    files.sweep_temporaries(cache_dir)  # the workdir's own cache: the lock makes every temp file stale
   with ctx.timed("extract_train"):
     for _, cfg in ctx.points:
       key = grid.feature_key(cfg)

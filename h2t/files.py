@@ -99,8 +99,13 @@ def workdir_lock(workdir: str):
 
   The lock is an `fcntl.flock`: the kernel drops it when its process dies, so
   a lock left by a killed run is simply taken over. Entering also sweeps the
-  temporary files a killed run left behind.
+  temporary files a killed run left behind. A process that holds the lock
+  already (`h2t.main` takes it before it writes its log) enters again freely.
   """
+  key = os.path.realpath(workdir)
+  if key in _HELD:
+    yield
+    return
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_NAME)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -115,7 +120,12 @@ def workdir_lock(workdir: str):
       ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _HELD.add(key)
     sweep_temporaries(workdir)
     yield
   finally:
+    _HELD.discard(key)
     os.close(fd)
+
+
+_HELD: set[str] = set()  # workdirs this process has locked

@@ -210,9 +210,18 @@ def _require_meta(head: Head) -> HeadMeta:
 def backbone_for(head: Head, checkpoint: str | None = None):
   """Rebuilds the backbone a head was trained on (`checkpoint`: its weights file, None: packaged)."""
   from h2t import backbones
+  from h2t.checkpoints import CheckpointError
 
   meta = _require_meta(head)
-  backbone = backbones.create(meta.backbone, checkpoint, input_size=int(meta.input_size))
+  try:
+    backbone = backbones.create(meta.backbone, checkpoint, input_size=int(meta.input_size))
+  except CheckpointError:
+    if checkpoint is not None:
+      raise
+    raise ValueError(
+      f"the head was trained on backbone {meta.backbone!r}, which has no packaged weights: pass the "
+      f"weights file it was trained with ({meta.checkpoint_id}) as --checkpoint=PATH"
+    ) from None
   check_backbone(head, backbone)
   return backbone
 

@@ -322,6 +322,10 @@ def fit(
   labels = check_labels(labels, num_classes)
   num_classes = int(num_classes or labels.max() + 1)
   prep = prepare(features)
+  if prep.x.shape[0] != len(labels):
+    raise ValueError(
+      f"{prep.x.shape[0]} examples of features but {len(labels)} labels; expected one label each"
+    )
   train = training_subset(np.arange(len(labels)), labels, learning, num_classes)
   run = run_grid(
     prep,

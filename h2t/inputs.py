@@ -83,6 +83,16 @@ class SelectionSource:
 def prepare(features: Mapping[str, np.ndarray]) -> Prepared:
   """`{tap: [n, d_tap]}` (in network order) -> `Prepared`; non-finite features are an error."""
   taps = tuple(features)
+  if not taps:
+    raise ValueError("no features: expected {tap: [n, d_tap]} with at least one tap")
+  rows = {t: np.shape(features[t]) for t in taps}
+  bad_rank = [t for t, shape in rows.items() if len(shape) != 2]
+  if bad_rank:
+    raise ValueError(
+      f"tap {bad_rank[0]!r} has shape {rows[bad_rank[0]]}; expected [n, d_tap] (pool it first)"
+    )
+  if len({shape[0] for shape in rows.values()}) > 1:
+    raise ValueError(f"the taps hold different numbers of examples: { ({t: s[0] for t, s in rows.items()}) }")
   for t in taps:
     bad = ~np.isfinite(np.asarray(features[t]))
     if bad.any():
@@ -102,7 +112,13 @@ def check_labels(labels, num_classes: int | None = None) -> np.ndarray:
   from h2t.data import base as data_base
 
   limit = np.iinfo(np.int32).max if num_classes is None else int(num_classes)
-  return data_base.check_labels(labels, limit, where="fit(labels)")
+  try:
+    return data_base.check_labels(labels, limit, where="fit(labels)")
+  except ValueError as e:
+    if num_classes is not None:
+      raise
+    # No class count was given: do not show the stand-in bound.
+    raise ValueError(str(e).split("; num_classes is")[0].replace(f"[0, {limit})", "[0, classes)")) from None
 
 
 def training_subset(

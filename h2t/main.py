@@ -60,7 +60,7 @@ def _log_to_file(workdir: str) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}; options are --flag=value (see --helpshort)")
   from h2t import config as config_lib
   from h2t import multihost
 
@@ -92,8 +92,15 @@ def main(argv):
     fail(f"error: {e}")
   writes = spec is None or multihost.is_writer()  # process 0 alone writes the workdir
   if writes:
+    from h2t import files
+
     try:
       os.makedirs(workdir, exist_ok=True)
+      # Held until the process ends, before anything is written: a second run on this workdir stops
+      # here, without touching the first's log or TensorBoard files.
+      files.workdir_lock(workdir).__enter__()
+    except files.WorkdirBusy as e:
+      fail(f"error: {e}")
     except OSError as e:
       fail(f"error: cannot create --workdir={workdir}: {e.strerror or e}; choose a writable folder")
     _log_to_file(workdir)
@@ -152,7 +159,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     sys.exit(f"error: {config_lib.unknown_key_message(argv) or e}")
   except flags.Error as e:
-    sys.exit(f"error: {e}\n\n{FLAGS.main_module_help()}")
+    sys.exit(f"error: {_one_line(e)} (--helpshort lists the flags)")
+  except (OSError, ValueError) as e:  # the --config file: missing, unreadable, an unknown variant
+    sys.exit(f"error: {_one_line(e)}")
+
+
+def _one_line(e: BaseException) -> str:
+  """An exception's message on one line (absl and ml_collections wrap theirs over several)."""
+  return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
 
 
 if __name__ == "__main__":

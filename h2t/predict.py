@@ -91,11 +91,9 @@ def define_flags() -> None:
 
 def main(argv: Sequence[str]) -> None:
   if not FLAGS.head:
-    raise app.UsageError("--head is required: python -m h2t.predict --head=HEAD IMAGES_OR_DIRS...")
+    sys.exit("error: --head is required: python -m h2t.predict --head=HEAD IMAGES_OR_DIRS...")
   if len(argv) < 2:
-    raise app.UsageError(
-      "name at least one image file or folder: python -m h2t.predict --head=HEAD IMAGES..."
-    )
+    sys.exit("error: name at least one image file or folder: python -m h2t.predict --head=HEAD IMAGES...")
   try:
     if FLAGS.output:
       _check_writable(FLAGS.output)

@@ -371,7 +371,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   paths = list(argv[1:])
   if not paths:
-    raise app.UsageError("usage: python -m h2t.report RESULTS_DIR [RESULTS_DIR...] [--out=DIR]")
+    sys.exit("error: name a folder of runs: python -m h2t.report RESULTS_DIR [RESULTS_DIR...] [--out=DIR]")
   out = FLAGS.out or os.path.join(
     paths[0] if os.path.isdir(paths[0]) else os.path.dirname(paths[0]), "report"
   )

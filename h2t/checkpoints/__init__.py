@@ -83,6 +83,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     )
   if os.path.isdir(path):
     raise CheckpointError(f"checkpoint {path!r} is a folder; expected a checkpoint file")
+  if not os.path.isfile(path):  # a pipe or a device would block or never end
+    raise CheckpointError(f"checkpoint {path!r} is not a regular file; expected a checkpoint file")
   ext = os.path.splitext(path)[1].lower()
   readers = {
     ".npz": tensor_files.read_npz,
@@ -115,8 +117,10 @@ def converting(path: str, what: str) -> Iterator[None]:
   """
   try:
     yield
-  except CheckpointError:
-    raise
+  except CheckpointError as e:
+    if path in str(e):
+      raise
+    raise CheckpointError(f"checkpoint {path!r}: {e}") from None  # name the file
   except (IndexError, ValueError, TypeError, KeyError) as e:
     raise CheckpointError(
       f"checkpoint {path!r} holds tensors of unexpected shapes for a {what} ({type(e).__name__}: {e}); "
@@ -176,13 +180,12 @@ def merge_strict(
       continue
     merged[key] = have.astype(np.float32, copy=False)
   if missing or unexpected or misshaped:
-    lines = [f"checkpoint {source!r} does not match the model:"]
+    # One line (every key named, separated by '; '): an error is one line on the terminal.
+    parts = [f"checkpoint {source!r} does not match the model (is it the checkpoint of the backbone named?)"]
     for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
       if items:
-        lines.append(f"  {title} ({len(items)}):")
-        lines.extend(f"    {item}" for item in items)
-    lines.append("Is this the checkpoint of the backbone named in the config?")
-    raise CheckpointError("\n".join(lines))
+        parts.append(f"{title} ({len(items)}): {'; '.join(items)}")
+    raise CheckpointError(" -- ".join(parts))
   if replaced:
     from absl import logging
 

@@ -268,7 +268,7 @@ def _not_prepared_message(name: str, spec: VtabTask, data_dir: str | None, build
     manual = " It needs a manual download first; the command prints which files go where."
   return (
     f"VTAB task {name!r}: no prepared TFDS data for {looked} in data_dir {root!r}{where}. "
-    f"Prepare it once (needs internet and disk space) with:\n  {prepare_command(name, data_dir or root)}\n"
+    f"Prepare it once (needs internet and disk space) with `{prepare_command(name, data_dir or root)}` "
     f"or point config.data_dir at the folder that holds it.{manual}"
   )
 
