@@ -488,7 +488,7 @@ def config_cases(sv: Survey):
       ["multi_target_sizes", "0,64"],
     ),
     ("backbone.cls_token_pool unknown", "--config.backbone.cls_token_pool=avg", ["cls_token_pool", "avg"]),
-    ("backbone.batch_size zero", "--config.backbone.batch_size=0", ["batch_size", "0"]),
+    ("backbone.batch_size negative", "--config.backbone.batch_size=-4", ["batch_size", "-4"]),
     ("learning.optimizer unknown", "--config.learning.optimizer=rmsprop", ["optimizer", "rmsprop"]),
     ("learning.learning_rate nan", "--config.learning.learning_rate=nan", ["learning_rate", "nan"]),
     ("learning.learning_rate inf", "--config.learning.learning_rate=inf", ["learning_rate", "inf"]),

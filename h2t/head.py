@@ -78,6 +78,12 @@ class HeadMeta:
     d = self.to_dict()
     return d[key]
 
+  def __setitem__(self, key: str, value: Any) -> None:
+    if key in {f.name for f in dataclasses.fields(self)} - {"extra"}:
+      setattr(self, key, value)
+    else:
+      self.extra[key] = value
+
   def __contains__(self, key: str) -> bool:
     return key in self.to_dict()
 
@@ -199,12 +205,14 @@ REQUIRED_META = ("backbone", "checkpoint_id", "input_size", "target_size", "pool
 
 
 def _require_meta(head: Head) -> HeadMeta:
-  if not head.meta.backbone or not head.meta.input_size:
+  meta = head.meta if isinstance(head.meta, HeadMeta) else HeadMeta.from_dict(head.meta)
+  missing = [k for k in ("backbone", "checkpoint_id", "input_size") if not getattr(meta, k)]
+  if missing:
     raise ValueError(
-      "the head's meta lacks its backbone and input size: it was not saved by a run (h2t.evaluate), "
-      "so its backbone and pooling are unknown"
+      f"the head's meta lacks {', '.join(missing)}, so its backbone and pooling are unknown: it was not "
+      "saved by a run (h2t.evaluate)"
     )
-  return head.meta
+  return meta
 
 
 def backbone_for(head: Head, checkpoint: str | None = None):

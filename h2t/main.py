@@ -38,6 +38,7 @@ flags.DEFINE_integer(
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/vtab.py).", lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
+_HELD_LOCK: list = []  # the workdir lock of this process (released by the kernel when it ends)
 _TRACE = py_logging.getLogger("h2t.trace")  # tracebacks: log.txt only, never the terminal
 _TRACE.propagate = False
 
@@ -64,7 +65,11 @@ def main(argv):
   from h2t import config as config_lib
   from h2t import multihost
 
-  config, workdir = FLAGS.config, FLAGS.workdir
+  try:
+    config, workdir = FLAGS.config, FLAGS.workdir
+    config.to_dict()  # a config file that failed to load raises here
+  except (OSError, ValueError) as e:  # the --config file failed to load
+    sys.exit(f"error: --config: {_one_line(e, last=True)}")
   try:
     spec = multihost.resolve(
       FLAGS.multihost,
@@ -98,7 +103,8 @@ def main(argv):
       os.makedirs(workdir, exist_ok=True)
       # Held until the process ends, before anything is written: a second run on this workdir stops
       # here, without touching the first's log or TensorBoard files.
-      files.workdir_lock(workdir).__enter__()
+      _HELD_LOCK.append(files.workdir_lock(workdir))  # referenced, so the lock lives as long as the process
+      _HELD_LOCK[-1].__enter__()
     except files.WorkdirBusy as e:
       fail(f"error: {e}")
     except OSError as e:
@@ -159,14 +165,19 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     sys.exit(f"error: {config_lib.unknown_key_message(argv) or e}")
   except flags.Error as e:
-    sys.exit(f"error: {_one_line(e)} (--helpshort lists the flags)")
+    traceback_inside = "Traceback (most recent call last)" in str(e)  # a config file that raised
+    sys.exit(f"error: {_one_line(e, last=traceback_inside)} (--helpshort lists the flags)")
   except (OSError, ValueError) as e:  # the --config file: missing, unreadable, an unknown variant
     sys.exit(f"error: {_one_line(e)}")
 
 
-def _one_line(e: BaseException) -> str:
-  """An exception's message on one line (absl and ml_collections wrap theirs over several)."""
-  return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+def _one_line(e: BaseException, last: bool = False) -> str:
+  """An exception's message on one line (absl and ml_collections wrap theirs over several).
+
+  `last`: only its last line (where a wrapped traceback's own message is).
+  """
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  return lines[-1] if last and lines else " ".join(lines)
 
 
 if __name__ == "__main__":
