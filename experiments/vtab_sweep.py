@@ -376,8 +376,10 @@ def main(argv: Sequence[str]) -> None:
     for job, e in failed:
       logging.error("failed: %s/%s: %s", job.backbone, job.task, e)
     names = ", ".join(f"{j.backbone}/{j.task}" for j, _ in failed)
+    first = _last_line(failed[0][1])
     sys.exit(
-      f"error: {len(failed)} of {len(jobs)} runs failed ({names}); see the log above and their log.txt"
+      f"error: {len(failed)} of {len(jobs)} runs failed ({names}); the first: {first}; "
+      "see the log above and their log.txt"
     )
 
 
