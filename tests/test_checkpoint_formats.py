@@ -8,9 +8,7 @@ ResNet state dict.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ from safetensors.numpy import save_file
 from h2t import checkpoints
 from h2t.checkpoints import google_vit
 from h2t.models import resnet, vit
+from tests import toy
 
 TINY_VIT = dict(patch=4, width=128, depth=2, heads=2, mlp_dim=256)  # head width 64, as timm's
 TINY_VIT_SIZE = 16
@@ -127,15 +126,8 @@ def _assert_trees_equal(test, got, want) -> None:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-class CheckpointTestCase(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.dir = tmp.name
-
-  def path(self, name: str) -> str:
-    return os.path.join(self.dir, name)
+class CheckpointTestCase(toy.TempDirTestCase):
+  """Tests with a temporary folder."""
 
 
 class ViTRoundTripTest(CheckpointTestCase):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import unittest
 
 import numpy as np
@@ -20,6 +19,7 @@ from safetensors.numpy import save_file
 
 from h2t import checkpoints
 from tests import checkpoint_craft as craft
+from tests import toy
 
 try:
   import torch
@@ -48,16 +48,7 @@ def read_in_child(path: str) -> subprocess.CompletedProcess:
   )
 
 
-class CheckpointSafetyTestCase(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.dir = tmp.name
-
-  def path(self, name: str) -> str:
-    return os.path.join(self.dir, name)
-
+class CheckpointSafetyTestCase(toy.TempDirTestCase):
   def assertRefused(self, path: str, *fragments: str) -> str:
     """`read_tensors(path)` raises CheckpointError naming the file and each fragment."""
     with self.assertRaises(checkpoints.CheckpointError) as cm:

@@ -16,6 +16,7 @@ from absl.testing import absltest, parameterized
 from PIL import Image
 
 from h2t.data import folder
+from tests import toy
 
 W, H = 64, 8
 
@@ -25,16 +26,7 @@ def _ramp(maximum: int, dtype) -> np.ndarray:
   return np.tile(np.round(np.linspace(0, maximum, W)), (H, 1)).astype(dtype)
 
 
-class ImageModesTest(parameterized.TestCase):
-  def setUp(self):
-    super().setUp()
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    self.dir = tmp.name
-
-  def path(self, name: str) -> str:
-    return os.path.join(self.dir, name)
-
+class ImageModesTest(toy.TempDirTestCase):
   def read(self, im: Image.Image, name: str, **save_kw) -> np.ndarray:
     im.save(self.path(name), **save_kw)
     with Image.open(self.path(name)) as reopened:

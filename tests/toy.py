@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 import numpy as np
+from absl.testing import parameterized
 
 import configs.vtab as vtab_config
 
@@ -103,3 +104,16 @@ def two_taps(seed: int = 0, n: int = 200, labels: np.ndarray | None = None):
   b = rng.normal(size=(n, 20)).astype(np.float32)
   b[:, :3] += 4.0 * np.eye(3, dtype=np.float32)[labels]
   return {"a": a, "b": b}, labels
+
+
+class TempDirTestCase(parameterized.TestCase):
+  """A test case with its own temporary folder: `self.dir`, and `self.path(name)` inside it."""
+
+  def setUp(self):
+    super().setUp()
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    self.dir = tmp.name
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.dir, name)
