@@ -110,7 +110,7 @@ class CommandLineErrorsTest(absltest.TestCase):
   def test_unknown_config_key(self):
     proc = run_sweep_cli(f"--config={CONFIG}", "--root=/tmp/unused", "--config.learning.lrate=0.1")
     self.assert_one_error_line(
-      proc, r"unknown config key 'learning.lrate'; the keys of config.learning are: .*"
+      proc, r"unknown config key 'learning.lrate'; the keys under 'learning' are: .*learning_rate"
     )
 
   def test_missing_config_file(self):
