@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from h2t import backbones, cache, data, features, files, grid, head2toe, multihost, outputs, platform
+from h2t import backbones, cache, data, features, files, fitting, grid, head2toe, multihost, outputs, platform
 from h2t import config as config_lib
 from h2t import methods as methods_lib
 from h2t.data import base
@@ -87,24 +87,22 @@ class Context:
     return self.backbones[grid.backbone_key(cfg)]
 
   def features(self, cfg) -> dict[str, np.ndarray]:
-    return self.feats[grid.feature_key(cfg)]
+    return self.feats[_feature_key(cfg)]
 
   def source(self, cfg) -> head2toe.SelectionSource | None:
-    return self.sources.get((grid.feature_key(cfg), cfg.learning.feature_selection.get("fs_dataset", "")))
+    return self.sources.get((_feature_key(cfg), cfg.learning.feature_selection.get("fs_dataset", "")))
 
+  @contextlib.contextmanager
   def timed(self, name: str):
-    return _Timer(self.timings, name)
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
-class _Timer:
-  def __init__(self, timings: dict[str, float], name: str):
-    self.timings, self.name = timings, name
-
-  def __enter__(self):
-    self.t0 = time.perf_counter()
-
-  def __exit__(self, *exc):
-    self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+def _feature_key(cfg) -> str:
+  return grid.feature_key(cfg, config_lib.FEATURE_FIELDS)
 
 
 def _get_task(config, name: str):
@@ -146,7 +144,7 @@ def extract(ctx: Context) -> None:
     files.sweep_temporaries(cache_dir)  # the workdir's own cache: the lock makes every temp file stale
   with ctx.timed("extract_train"):
     for _, cfg in ctx.points:
-      key = grid.feature_key(cfg)
+      key = _feature_key(cfg)
       if key in ctx.feats:
         continue
       backbone = ctx.backbone(cfg)
@@ -162,13 +160,13 @@ def extract(ctx: Context) -> None:
       return
     for _, cfg in ctx.points:  # fs_dataset: the other task's features, same taps and pooling
       fs_name = cfg.learning.feature_selection.get("fs_dataset", "")
-      if not fs_name or (grid.feature_key(cfg), fs_name) in ctx.sources:
+      if not fs_name or (_feature_key(cfg), fs_name) in ctx.sources:
         continue
       fs_task, backbone = _get_task(ctx.config, fs_name), ctx.backbone(cfg)
       fs_feats, fs_labels, _ = cache.train_features(
         backbone, fs_task, resolve_taps(backbone, cfg.backbone), cfg.backbone, cache_dir
       )
-      ctx.sources[(grid.feature_key(cfg), fs_name)] = head2toe.SelectionSource.from_features(
+      ctx.sources[(_feature_key(cfg), fs_name)] = head2toe.SelectionSource.from_features(
         fs_feats, fs_labels, fs_task.num_classes, name=fs_task.name
       )
       logging.info("head2toe selects its features on %s (%d training images)", fs_task.name, len(fs_labels))
@@ -180,7 +178,7 @@ def cross_validate(ctx: Context, results: dict[str, Any]) -> dict[str, int]:
   if not (ctx.config.eval_mode == "valid" or len(ctx.points) > 1):
     return chosen
   searched = [m for m in ctx.methods if m.searched]
-  batches = grid.plan(ctx.points, searched)
+  batches = grid.plan(ctx.points, searched, config_lib.FEATURE_FIELDS)
   for line in grid.describe(batches, ctx.points):
     logging.info("plan: %s", line)
   acc = {m.name: np.zeros((len(ctx.points), base.NUM_FOLDS)) for m in searched}
@@ -225,7 +223,7 @@ def fit_chosen(ctx: Context, chosen: dict[str, int], results: dict[str, Any]) ->
     backbone = ctx.backbone(cfg)
     if method.fit == "finetune":
       with ctx.timed("finetune"):
-        results["methods"][method.name] = methods_lib.run_finetune(backbone, ctx.task, cfg)
+        results["methods"][method.name] = fitting.run_finetune(backbone, ctx.task, cfg)
       continue
     meta = {
       "backbone": backbone.name,
@@ -239,7 +237,7 @@ def fit_chosen(ctx: Context, chosen: dict[str, int], results: dict[str, Any]) ->
       "grid_point": overrides,
       "class_names": list(getattr(ctx.task, "class_names", None) or []),
     }
-    fit = methods_lib.FITS[method.fit]
+    fit = fitting.FITS[method.fit]
     with ctx.timed(f"fit_{method.name}"):
       heads[method.name] = fit(
         method, ctx.features(cfg), ctx.labels, cfg, ctx.task.num_classes, meta, ctx.source(cfg)

@@ -150,16 +150,19 @@ def backbone_key(config: ml_collections.ConfigDict) -> tuple[str, str, int]:
   return (b.name, b.checkpoint, int(b.input_size))
 
 
-def feature_key(config: ml_collections.ConfigDict, *, pooled: bool = True) -> str:
-  """Every setting that changes a point's features (`h2t.config.FEATURE_FIELDS`).
+def feature_key(config: ml_collections.ConfigDict, fields: Sequence[str]) -> str:
+  """The values of `fields` (`h2t.config.FEATURE_FIELDS`: every setting that changes a point's
+  features, or `BACKBONE_FIELDS` for 2-D taps such as `pre_logits`, which pooling does not change)."""
 
-  `pooled=False` keeps only the network (for 2-D taps such as `pre_logits`,
-  which pooling does not change).
-  """
-  from h2t import config as config_lib
+  def get(path):
+    node = config
+    for part in path.split("."):
+      if part not in node:
+        return ""  # older configs lack newer fields; their defaults apply
+      node = node[part]
+    return node
 
-  fields = config_lib.FEATURE_FIELDS if pooled else BACKBONE_FIELDS
-  return _json({f: config_lib.get(config, f, "") for f in fields})
+  return _json({f: get(f) for f in fields})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,12 +187,13 @@ class Batch:
     return tuple(i for run in self.runs for i in run)
 
 
-def plan(grid_points: Sequence[tuple[dict[str, Any], ml_collections.ConfigDict]], methods) -> list[Batch]:
+def plan(grid_points, methods, feature_fields: Sequence[str]) -> list[Batch]:
   """Every (method, batch of grid points) the CV runs, in order.
 
   Args:
     grid_points: `points(config)`.
     methods: `h2t.methods.Method` records of the searched methods.
+    feature_fields: the fields that change the features (`h2t.config.FEATURE_FIELDS`).
   """
   out = []
   for method in methods:
@@ -198,7 +202,8 @@ def plan(grid_points: Sequence[tuple[dict[str, Any], ml_collections.ConfigDict]]
     def key(i, method=method, learnings=learnings):
       cfg = grid_points[i][1]
       source = cfg.learning.feature_selection.get("fs_dataset", "") if method.selects else ""
-      return (feature_key(cfg, pooled=method.pooled), source, program_key(learnings[i]))
+      fields = feature_fields if method.pooled else BACKBONE_FIELDS
+      return (feature_key(cfg, fields), source, program_key(learnings[i]))
 
     for (features, source, _), members in group_by(range(len(grid_points)), key).items():
       same = group_by(members, lambda i, learnings=learnings: _json(learnings[i].to_dict()))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import ml_collections
 import numpy as np
@@ -105,61 +104,3 @@ def linear_taps(names: Sequence[str]) -> list[str]:
       owners.add(owner)
       out.append(name)
   return out
-
-
-def fit_probe(method: Method, feats, labels, cfg, num_classes: int, meta, select_from=None):
-  """head2toe / linear / all_features on all training images."""
-  from h2t import head2toe
-
-  return head2toe.fit(
-    method.features(feats),
-    labels,
-    method.learning(cfg.learning),
-    seed=int(cfg.seed),
-    num_classes=num_classes,
-    meta=meta,
-    select_from=select_from if method.selects else None,
-  )
-
-
-def fit_ridge(method: Method, feats, labels, cfg, num_classes: int, meta, select_from=None):
-  """Ridge regression on all taps (normalised as configured), its L2 picked by its own CV."""
-  from h2t import head2toe, normalize, ridge
-  from h2t.head import Head, HeadMeta
-
-  taps = list(feats)
-  train = head2toe.training_subset(np.arange(len(labels)), labels, cfg.learning, num_classes)
-  feats, labels = {t: v[train] for t, v in feats.items()}, np.asarray(labels)[train]
-  x, stats = normalize.features_matrix(feats, taps, cfg.learning.feature_normalization)
-  l2_reg, _ = ridge.select_l2_reg(x, labels, num_classes=num_classes, seed=int(cfg.seed))
-  params = ridge.fit(x, labels, num_classes=num_classes, l2_reg=l2_reg)
-  kept = {t: np.arange(feats[t].shape[1], dtype=np.int32) for t in taps}
-  meta = HeadMeta.from_dict(dict(meta, num_classes=num_classes, ridge_l2_reg=l2_reg))
-  return Head(kept, params, cfg.learning.feature_normalization, stats, meta)
-
-
-def run_finetune(backbone, task, cfg) -> dict[str, Any]:
-  """Full fine-tuning: backbone + head on `pre_logits`, then its own streamed test."""
-  import jax
-
-  from h2t import finetune, head2toe, platform
-
-  images, labels = task.arrays("train800val200", image_size=backbone.input_size)
-  learning = METHODS["finetune"].learning(cfg.learning)
-  train = head2toe.training_subset(np.arange(len(labels)), labels, learning, task.num_classes)
-  backbone_params, head_params, losses = finetune.fit(
-    backbone, images[train], labels[train], learning, seed=int(cfg.seed), num_classes=task.num_classes
-  )
-  acc = finetune.evaluate(
-    backbone,
-    backbone_params,
-    head_params,
-    task,
-    batch_size=platform.resolve_batch_size(int(cfg.backbone.batch_size)),
-    normalization=learning.feature_normalization,
-  )
-  n_backbone = sum(int(np.size(v)) for v in jax.tree_util.tree_leaves(backbone_params))
-  return {"test_accuracy": acc, "final_train_loss": float(losses[-1]), "trainable_parameters": n_backbone}
-
-
-FITS = {"probe": fit_probe, "ridge": fit_ridge}

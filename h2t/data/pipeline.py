@@ -12,16 +12,13 @@ batches whatever its size.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
 from h2t.data import base
-
-if TYPE_CHECKING:
-  from h2t.data.vtab import Label
 
 IMAGE_KEY = "image"
 
@@ -36,7 +33,7 @@ def hide_gpus_from_tensorflow() -> None:
       logging.warning("TensorFlow already initialised its GPUs; it may hold accelerator memory.")
 
 
-def partial_decoding(label: Label) -> tfds.decode.PartialDecoding:
+def partial_decoding(label: Any) -> tfds.decode.PartialDecoding:
   """Decodes only the image (later, in parallel) and the label's features."""
   spec: dict[str, Any] = {IMAGE_KEY: True}
   for path in label.features:
@@ -55,7 +52,7 @@ def dataset(
   *,
   batch_size: int,
   image_size: int,
-  label: Label,
+  label: Any,
   num_classes: int,
   binary_image: bool = False,
   name: str = "",
