@@ -159,7 +159,14 @@ def train_kept_features(
     xt, kept_idx, kept_mask, tap_of, num_taps, mode, stats
   )
   local = batch_indices(k_data, train_idx.shape[0], spec.training_steps, spec.batch_size)
-  params, losses = train_heads(params, hp, local, lambda b: xh[:, b, :], y[train_idx], spec, None, 0)
+
+  def x_fn(b):
+    # Each head's rows, gathered with the head as a batch dimension of the
+    # gather: `xh[:, b, :]` gathered [B, H, K] and then transposed it to
+    # [H, B, K], an extra pass over the minibatch every step.
+    return jax.vmap(lambda xk, bk: xk[bk])(xh, jnp.broadcast_to(b, (num_heads,) + b.shape))
+
+  params, losses = train_heads(params, hp, local, x_fn, y[train_idx], spec, None, 0)
   return params, losses
 
 
