@@ -104,6 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Probe matmuls: 'highest' (full float32 on every device), 'high' or 'default'
   # (the platform's fastest: TF32 on NVIDIA GPUs, bfloat16 passes on TPUs).
   config.learning.precision = "highest"
+  # Linear probes train at a bucket of class counts (the next power of two, at
+  # least 8; padding masked out), so the tasks of a sweep whose class counts
+  # share a bucket reuse the compiled grid programs. The numbers equal the
+  # unpadded ones up to float rounding (a wider matmul may sum in another order).
+  config.learning.class_buckets = True
 
   fs = config.learning.feature_selection = ml_collections.ConfigDict()
   # connectivity_l2 (the paper's), connectivity_l1, connectivity_linf,

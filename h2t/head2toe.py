@@ -139,12 +139,18 @@ def run_grid(
     num_classes: classes.
     select_from: select on these features instead (`fs_dataset`).
     select_train_idx: `[F, m']` its training indices per fold.
+
+  With `learning.class_buckets`, linear heads train at the width
+  `probe.class_bucket(num_classes)` (padding masked out: the unpadded numbers
+  up to float rounding), so tasks whose class counts share a bucket reuse the
+  compiled programs.
   """
   for learning in learnings:
     config_lib.check_learning(learning)
   if len({grid.program_key(lr) for lr in learnings}) != 1:
     raise ValueError("run_grid: the grid points do not share one program; group them with program_key")
   base = learnings[0]
+  pad_classes = bool(base.get("class_buckets", False))
   fs = base.feature_selection
   mode = base.feature_normalization
   y = jnp.asarray(labels, jnp.int32)
@@ -189,6 +195,7 @@ def run_grid(
       num_classes=s_classes,
       repeats=range(int(fs.average_over_k)),
       heads=heads,
+      pad_classes=pad_classes,
     )
     kept_idx, kept_mask = _select(scores, learnings, prep)
 
@@ -200,6 +207,7 @@ def run_grid(
   )
   x = heads.replicate(prep.x)
   kept_idx_h, kept_mask_h = heads.shard(kept_idx, axis=1), heads.shard(kept_mask, axis=1)
+  spec = probe.spec_from_learning(base, num_classes, program=learnings, pad_classes=pad_classes)
   params, losses = stages.train_kept_features_folds(
     x,
     y,
@@ -209,7 +217,8 @@ def run_grid(
     prep.tap_of,
     hp2,
     keys_head,
-    spec=probe.spec_from_learning(base, num_classes, program=learnings),
+    jnp.int32(num_classes) if spec.padded_classes else None,
+    spec=spec,
     num_taps=len(prep.taps),
     mode=mode,
   )
@@ -222,10 +231,12 @@ def run_grid(
     )
     correct = np.asarray(acc_fn(x, y, train_idx, eval_idx, kept_idx_h, kept_mask_h, prep.tap_of, params))
     accuracy = correct[:, :num_points].astype(np.float64) / eval_idx.shape[1]
+  # The class bucket's padding columns (bias -inf, kernel 0) dropped on the host (no program per class count).
+  width = num_classes if spec.padded_classes else None
   run = GridRun(
     kept_idx=np.asarray(kept_idx),
     kept_mask=np.asarray(kept_mask),
-    params={k: np.asarray(v)[:, :num_points] for k, v in params.items()},
+    params={k: np.asarray(v)[:, :num_points, ..., :width] for k, v in params.items()},
     losses=np.asarray(losses)[:, :num_points],
     accuracy=accuracy,
   )

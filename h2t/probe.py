@@ -68,6 +68,12 @@ class TrainSpec:
   # coefficient is 0 for every head of a program contributes exactly 0 to
   # the loss and the gradient; leaving it out saves passes over the kernels.
   penalized: tuple[bool, bool, bool] = (True, True, True)
+  # `num_classes` is a bucket (`class_bucket`) wider than the task's classes:
+  # the padding columns are the ones whose bias is -inf (`padded_bias`). Their
+  # logits are -inf (no probability, no gradient) and their kernel columns are
+  # masked to 0 in the loss, so they stay 0 and every real column trains
+  # exactly as without padding.
+  padded_classes: bool = False
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -128,16 +134,21 @@ def parse_output_head_type(value: str, num_classes: int) -> tuple[int, bool]:
   )
 
 
-def spec_from_learning(learning, num_classes: int, program=()) -> TrainSpec:
+def spec_from_learning(learning, num_classes: int, program=(), pad_classes: bool = False) -> TrainSpec:
   """The static trainer settings of a `config.learning`.
 
   `program`: the learning configs of every head sharing the compiled program
   (default: this one alone); a penalty whose coefficient is 0 in all of them
-  is left out of the program (`TrainSpec.penalized`).
+  is left out of the program (`TrainSpec.penalized`). `pad_classes`: a linear
+  head's width is `class_bucket(num_classes)` (`TrainSpec.padded_classes`);
+  heads with a hidden layer keep their width.
   """
   hidden_units, hidden_trainable = parse_output_head_type(
     learning.get("output_head_type", "nohidden"), num_classes
   )
+  padded = pad_classes and not hidden_units
+  if padded:
+    num_classes = class_bucket(num_classes)
   program = list(program) or [learning]
   keys = ("l1_regularizer", "l2_regularizer", "group_lrp_regularizer_coef")
   return TrainSpec(
@@ -153,6 +164,7 @@ def spec_from_learning(learning, num_classes: int, program=()) -> TrainSpec:
     hidden_units=hidden_units,
     hidden_trainable=hidden_trainable,
     penalized=tuple(any(float(lr[k]) != 0 for lr in program) for k in keys),
+    padded_classes=padded,
   )
 
 
@@ -164,6 +176,20 @@ def hparams_from_learning(learning) -> HParams:
     l2=float(learning.l2_regularizer),
     group_coef=float(learning.group_lrp_regularizer_coef),
   )
+
+
+def class_bucket(num_classes: int) -> int:
+  """The output width a task's probes compile for: the next power of two, at least 8.
+
+  Tasks whose class counts share a bucket (VTAB's 2..397 classes fall in 7)
+  run the same compiled grid programs (issue #12: compile once per sweep).
+  """
+  return max(8, 1 << (int(num_classes) - 1).bit_length())
+
+
+def padded_bias(num_classes: jax.Array | int, width: int) -> jax.Array:
+  """`[width]` initial bias: 0 for the `num_classes` real classes, -inf for the padding (`TrainSpec.padded_classes`)."""
+  return jnp.where(jnp.arange(width) < num_classes, 0.0, -jnp.inf).astype(jnp.float32)
 
 
 def first_kernel_name(params: Params) -> str:
@@ -298,6 +324,10 @@ def train_heads(
   params, frozen = split_frozen(params, spec)
 
   def head_loss(p, fz, h, xb, yb):
+    if spec.padded_classes:
+      # Padding columns out of the penalties' gradient (|w|'s is 1 at 0);
+      # a real column is multiplied by 1, which leaves its bits alone.
+      p = {**p, "w": p["w"] * jnp.isfinite(p["b"]).astype(p["w"].dtype)}
     return loss({**p, **fz}, h, xb, yb, spec, groups, num_groups)
 
   def step(carry, inputs):
@@ -348,14 +378,27 @@ def accuracy(params: Params, x: np.ndarray, y: np.ndarray) -> float:
   return float((np.asarray(predict(params, x)).argmax(-1) == np.asarray(y)).mean())
 
 
-def row_glorot(key: jax.Array, rows: int, num_classes: int, fan_in: jax.Array | int) -> jax.Array:
+def row_glorot(
+  key: jax.Array, rows: int, num_classes: int, fan_in: jax.Array | int, fan_out: jax.Array | int | None = None
+) -> jax.Array:
   """Glorot-uniform `[rows, num_classes]` (the layer's width), row `i` drawn from `fold_in(key, i)`.
 
   Drawing per row makes the first `k` rows independent of `rows`, so a
-  padded head starts exactly as an unpadded one.
+  padded head starts exactly as an unpadded one. With `fan_out` (the real
+  classes of a class bucket) the limit is the real layer's and columns from
+  `fan_out` on are 0; JAX's (partitionable) threefry draws element `j` of a
+  row independently of the row's length, so the real columns are the
+  unpadded layer's, bit for bit.
   """
-  limit = jnp.sqrt(6.0 / (fan_in + num_classes))
+  if fan_out is None:
+    limit = jnp.sqrt(6.0 / (fan_in + num_classes))
+  else:
+    # `6.0 / int32` divides in float32; for integers below 2^24 that equals
+    # Python's double division rounded to float32 (no double-rounding case).
+    limit = jnp.sqrt(6.0 / (fan_in + fan_out))
   u = jax.vmap(
     lambda i: jax.random.uniform(jax.random.fold_in(key, i), (num_classes,), minval=-1.0, maxval=1.0)
   )(jnp.arange(rows))
+  if fan_out is not None:
+    u = jnp.where(jnp.arange(num_classes) < fan_out, u, 0.0)
   return u * limit

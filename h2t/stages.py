@@ -61,6 +61,7 @@ def train_all_features(
   groups: jax.Array | None = None,
   num_groups: int = 0,
   per_feature: bool = False,
+  classes: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Stage 1 for a grid: `H` heads on all features of one fold.
 
@@ -71,6 +72,8 @@ def train_all_features(
     train_idx: `[m]` the fold's training indices.
     hp: hyperparameters with leaves `[H]`.
     key: the fold's key (same for every head).
+    classes: with `spec.padded_classes`, the task's classes (traced; the
+      width is their bucket).
 
   Returns:
     `(w [H, D, width], losses [H, steps])`: the first kernel of each head
@@ -79,8 +82,9 @@ def train_all_features(
   num_heads = jnp.shape(hp.learning_rate)[0]
   k_init, k_data = jax.random.split(key)
   dim, width = x.shape[1], spec.first_width
-  w0 = jnp.zeros((dim, width)) if spec.zero_init else row_glorot(k_init, dim, width, dim)
-  one = assemble(w0, jnp.zeros((width,)), output_layer(jax.random.fold_in(k_init, OUTPUT_LAYER_KEY), spec))
+  fan_out, b0 = _first_layer_bias(spec, classes)
+  w0 = jnp.zeros((dim, width)) if spec.zero_init else row_glorot(k_init, dim, width, dim, fan_out)
+  one = assemble(w0, b0, output_layer(jax.random.fold_in(k_init, OUTPUT_LAYER_KEY), spec))
   params = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (num_heads,) + v.shape), one)
   batches = _fold_batches(k_data, train_idx, spec)
   if per_feature:
@@ -96,6 +100,17 @@ def train_all_features(
 
   params, losses = train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups)
   return params[first_kernel_name(params)], losses
+
+
+def _first_layer_bias(spec: TrainSpec, classes: jax.Array | None) -> tuple[jax.Array | None, jax.Array]:
+  """`(fan_out for row_glorot, initial bias [width])`: zeros, or -inf past `classes` in a class bucket."""
+  if not spec.padded_classes:
+    return None, jnp.zeros((spec.first_width,))
+  if spec.hidden_units:
+    raise ValueError(
+      "class buckets are for linear heads (the hidden layer's output layer is drawn at its width)"
+    )
+  return classes, probe.padded_bias(classes, spec.num_classes)
 
 
 def transform_kept(
@@ -119,7 +134,7 @@ def transform_kept(
 
 
 def train_kept_features(
-  x: jax.Array, y: jax.Array, tap_of: jax.Array, hp: HParams, fold, spec, num_taps, mode
+  x: jax.Array, y: jax.Array, tap_of: jax.Array, hp: HParams, fold, spec, num_taps, mode, classes=None
 ):
   """Stage 2 for a grid: `H` fresh heads, each on its own kept features.
 
@@ -132,6 +147,7 @@ def train_kept_features(
       fold's training indices, each head's kept features (`selection.select_top`)
       and the fold's key.
     spec, num_taps, mode: the trainer's settings, the tap count, the normalisation.
+    classes: with `spec.padded_classes`, the task's classes (traced).
 
   Returns:
     `(params {'w': [H, K, classes], 'b': [H, classes]}, losses [H, steps])`;
@@ -143,13 +159,14 @@ def train_kept_features(
   num_kept = kept_mask.sum(axis=1)
   num_heads, max_kept = kept_idx.shape
   width = spec.first_width
+  fan_out, b0 = _first_layer_bias(spec, classes)
   if spec.zero_init:
     w = jnp.zeros((num_heads, max_kept, width))
   else:
-    w = jax.vmap(lambda k: row_glorot(k_init, max_kept, width, k))(num_kept)
+    w = jax.vmap(lambda k: row_glorot(k_init, max_kept, width, k, fan_out))(num_kept)
   rest = output_layer(jax.random.fold_in(k_init, OUTPUT_LAYER_KEY), spec)
   rest = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (num_heads,) + v.shape), rest)
-  params = assemble(w * kept_mask[:, :, None], jnp.zeros((num_heads, width)), rest)
+  params = assemble(w * kept_mask[:, :, None], jnp.broadcast_to(b0, (num_heads, width)), rest)
   xt = x[train_idx]
   stats = (xt.mean(axis=0), xt.var(axis=0)) if mode == "per_feature" else None
   # Each head's kept, renormalised features of the fold's training set,
@@ -180,6 +197,7 @@ def train_kept_features_folds(
   tap_of: jax.Array,
   hp: HParams,
   keys: jax.Array,
+  classes: jax.Array | None = None,
   *,
   spec: TrainSpec,
   num_taps: int,
@@ -193,7 +211,9 @@ def train_kept_features_folds(
   no faster on the CPU (experiments/results/bench_grid_cpu.txt).
   """
 
-  one = functools.partial(train_kept_features, x, y, tap_of, hp, spec=spec, num_taps=num_taps, mode=mode)
+  one = functools.partial(
+    train_kept_features, x, y, tap_of, hp, spec=spec, num_taps=num_taps, mode=mode, classes=classes
+  )
   return jax.lax.map(one, (train_idx, kept_idx, kept_mask, keys))
 
 
@@ -239,6 +259,7 @@ def stage1_scores(
   num_classes: int,
   repeats: Sequence[int] = (0,),
   heads: HeadSharding | None = None,
+  pad_classes: bool = False,
 ) -> jax.Array:
   """Stage 1 of the grid: connectivity scores `[F, P, D]` of every fold and point.
 
@@ -257,6 +278,8 @@ def stage1_scores(
     num_classes: classes of `labels`.
     repeats: the runs to average.
     heads: how heads are spread over devices (default: all local devices).
+    pad_classes: train at the class bucket's width (`probe.class_bucket`);
+      the padding columns are dropped before scoring.
   """
   heads = heads or HeadSharding()
   fs = learnings[0].feature_selection
@@ -271,13 +294,15 @@ def stage1_scores(
     # Groups are whole taps. Unlike the reference, the coefficient applies here too.
     groups, num_groups = prep.tap_of, len(prep.taps)
   x1 = heads.replicate(prep.unit_vector() if mode == "unit_vector" else prep.x)
+  spec = probe.spec_from_learning(sel[0], num_classes, program=sel, pad_classes=pad_classes)
   stage1 = jax.vmap(
     functools.partial(
       train_all_features,
-      spec=probe.spec_from_learning(sel[0], num_classes, program=sel),
+      spec=spec,
       groups=groups,
       num_groups=num_groups,
       per_feature=mode == "per_feature",
+      classes=jnp.int32(num_classes) if spec.padded_classes else None,
     ),
     in_axes=(None, None, 0, None, 0),
   )
@@ -290,5 +315,7 @@ def stage1_scores(
       hp1,
       jax.vmap(lambda kk, r=r: jax.random.fold_in(kk, r))(keys),
     )
+    if spec.padded_classes:
+      w = w[..., :num_classes]  # the scores read the real columns only, as without padding
     scores = scores + selection.connectivity_scores(fs.type, w, prep.tap_of, len(prep.taps))
   return (scores / len(repeats))[:, row_of]  # [F, P, D]; padding heads dropped
