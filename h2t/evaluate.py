@@ -111,6 +111,30 @@ def _get_task(config, name: str):
   )
 
 
+# Backbones of earlier runs in this process, most recent last. The jitted extraction takes its
+# Backbone as a static argument (hashed by identity), so a sweep that loaded a fresh one per task
+# recompiled extraction for every task (issue #12: compile once per sweep). A checkpoint file is
+# keyed by its size and modification time too, so a file rewritten in place is read again.
+_LOADED: dict[tuple, backbones.Backbone] = {}
+_KEEP_LOADED = 2
+
+
+def _create_backbone(name: str, checkpoint: str | None, input_size: int | None) -> backbones.Backbone:
+  stamp = None
+  if checkpoint:
+    try:
+      st = os.stat(checkpoint)
+      stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:
+      pass  # backbones.create reports the missing file
+  key = (name, checkpoint, input_size, stamp)
+  backbone = _LOADED.pop(key, None) or backbones.create(name, checkpoint, input_size=input_size)
+  _LOADED[key] = backbone
+  while len(_LOADED) > _KEEP_LOADED:
+    del _LOADED[next(iter(_LOADED))]
+  return backbone
+
+
 def load(ctx: Context) -> None:
   """Phase 1: one backbone per distinct (name, checkpoint, input size) of the grid, and the task."""
   with ctx.timed("load"):
@@ -118,9 +142,7 @@ def load(ctx: Context) -> None:
       key = grid.backbone_key(cfg)
       if key not in ctx.backbones:
         b = cfg.backbone
-        ctx.backbones[key] = backbones.create(
-          b.name, b.checkpoint or None, input_size=int(b.input_size) or None
-        )
+        ctx.backbones[key] = _create_backbone(b.name, b.checkpoint or None, int(b.input_size) or None)
     ctx.task = _get_task(ctx.config, ctx.config.dataset)
     if ctx.config.eval_mode == "test" and ctx.task.verify is not None:
       ctx.task.verify("test")  # an unreadable test image fails now, not after training
