@@ -1,10 +1,10 @@
-"""Class buckets (issue #12, compile once per sweep): tasks whose class counts share a bucket
-run the same compiled grid programs, with the unpadded numbers."""
+"""Compile once per sweep (issue #12): tasks whose class counts share a bucket run the same
+compiled grid programs, with the unpadded numbers; later runs reuse the loaded backbone."""
 
 import numpy as np
 from absl.testing import absltest
 
-from h2t import head2toe, probe, stages
+from h2t import evaluate, head2toe, probe, stages
 from tests import toy
 
 PROGRAMS = (stages.train_all_features, stages.train_kept_features_folds, stages.kept_accuracy)
@@ -76,6 +76,16 @@ class ClassBucketTest(absltest.TestCase):
     self.assertEqual(spec.num_classes, 5)
     spec = probe.spec_from_learning(toy.learning(), 5, pad_classes=True)
     self.assertEqual((spec.padded_classes, spec.num_classes), (True, 8))
+
+
+class SweepBackboneTest(absltest.TestCase):
+  def test_later_runs_reuse_the_loaded_backbone(self):
+    # The jitted extraction keys on the Backbone object: a new one per task recompiled it.
+    first = evaluate._create_backbone("efficientnet_lite0", None, 32)
+    self.assertIs(evaluate._create_backbone("efficientnet_lite0", None, 32), first)
+    other = evaluate._create_backbone("efficientnet_lite0", None, 64)
+    self.assertIsNot(other, first)
+    self.assertEqual(other.input_size, 64)
 
 
 if __name__ == "__main__":
