@@ -2,6 +2,7 @@
 
 import glob
 import os
+from unittest import mock
 
 import ml_collections
 import numpy as np
@@ -125,6 +126,39 @@ class FolderLayoutTest(absltest.TestCase):
       x = folder.load_image(os.path.join(root, name), 12)
       self.assertEqual(x.shape, (12, 12, 3))
       self.assertAlmostEqual(float(x.mean()), value, delta=2)
+
+  def test_each_share_decodes_only_its_own_files(self):
+    root = make_tempdir(self)
+    for c, ch in COLOURS.items():
+      write_images(os.path.join(root, "train", c), 7, ch, seed=ch)
+      write_images(os.path.join(root, "test", c), 3, ch, seed=10 + ch, ext="jpg")
+    task = data.get_task(f"folder:{root}")
+    decoded = []
+    real = folder.load_image
+
+    def counted(path, image_size):
+      decoded.append(path)
+      return real(path, image_size)
+
+    whole = {split: list(task.batches(split, 4, image_size=8)) for split in ("train800val200", "test")}
+    with mock.patch.object(folder, "load_image", counted):
+      for split, want in whole.items():
+        per_share = []
+        for p in range(3):
+          share = base.Share(p, 3)
+          decoded.clear()
+          mine = list(task.batches(split, 4, image_size=8, share=share))
+          self.assertLen(decoded, sum(n for _, n in share.positions(task.size(split), 4)))
+          for (images, labels), i in zip(mine, range(p, len(want), 3), strict=True):
+            np.testing.assert_array_equal(images, want[i][0])
+            np.testing.assert_array_equal(labels, want[i][1])
+          per_share.append(list(decoded))
+          decoded.clear()
+          task.verify(split, 4, share)  # checks the very files this share reads
+          self.assertCountEqual(decoded, per_share[-1])
+        got = sum(per_share, [])
+        self.assertLen(set(got), len(got))  # no file decoded by two shares
+        self.assertLen(got, task.size(split))  # and every file by one
 
   def test_config_accepts_folder_names(self):
     self.assertIn("folder:/any/path", data.task_names())

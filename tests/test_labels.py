@@ -65,6 +65,55 @@ class LabelTest(parameterized.TestCase):
       task.batches("train", 2, image_size=4)  # before any batch is read
 
 
+class ShareTest(absltest.TestCase):
+  """A process's share of a split: batch i of `count` processes' run goes to process i % count."""
+
+  def test_shares_tile_the_split_in_batches(self):
+    self.assertEqual(base.Share(1, 3).positions(10, 2), [(2, 2), (8, 2)])
+    self.assertEqual(base.Share(2, 3).positions(11, 2), [(4, 2), (10, 1)])
+    for count in (1, 2, 3, 7):
+      rows = sorted(
+        r for p in range(count) for s, n in base.Share(p, count).positions(23, 4) for r in range(s, s + n)
+      )
+      self.assertEqual(rows, list(range(23)))
+    self.assertEqual(list(base.Share(1, 2).chunks("abcdefg", 2)), ["cd", "g"])
+    with self.assertRaisesRegex(ValueError, "share 2 of 2"):
+      base.Share(2, 2)
+
+  def test_an_array_task_yields_its_shares_batches_only(self):
+    images = np.arange(7, dtype=np.float32).reshape(7, 1, 1, 1) * np.ones((1, 2, 2, 3), np.float32)
+    task = base.array_task("toy", 7, {"test": (images, np.arange(7))})
+    self.assertTrue(task.reads_shares)
+    got = [labels.tolist() for _, labels in task.batches("test", 2, image_size=2, share=base.Share(1, 2))]
+    self.assertEqual(got, [[2, 3], [6]])
+    whole = [labels.tolist() for _, labels in task.batches("test", 2, image_size=2)]
+    self.assertEqual(whole, [[0, 1], [2, 3], [4, 5], [6]])
+
+  def test_a_reader_without_shares_is_read_whole_and_filtered(self):
+    read_batches = []
+
+    def read(split, batch_size, image_size):  # a user's reader: three arguments, every batch
+      for start in range(0, 5, batch_size):
+        read_batches.append(start)
+        yield np.zeros((min(batch_size, 5 - start), 2, 2, 3)), np.arange(start, min(start + batch_size, 5))
+
+    task = base.Task("mine", 5, {"test": 5}, read)
+    got = [labels.tolist() for _, labels in task.batches("test", 2, image_size=2, share=base.Share(0, 2))]
+    self.assertEqual(got, [[0, 1], [4]])
+    self.assertEqual(read_batches, [0, 2, 4])
+
+  def test_a_reader_that_ignores_its_share_is_an_error(self):
+    def read(split, batch_size, image_size, share=base.WHOLE):  # claims shares, reads everything
+      for start in range(0, 5, batch_size):
+        yield np.zeros((min(batch_size, 5 - start), 2, 2, 3)), np.zeros(min(batch_size, 5 - start), np.int32)
+
+    task = base.Task("liar", 2, {"test": 5}, read, reads_shares=True)
+    with self.assertRaisesRegex(ValueError, "batch 1 of this process's share has 2 examples, expected 1"):
+      list(task.batches("test", 2, image_size=2, share=base.Share(0, 2)))
+    with self.assertRaisesRegex(ValueError, "batch 1 of this process's share has 2 examples, expected none"):
+      list(task.batches("test", 2, image_size=2, share=base.Share(1, 2)))
+
+
 class IdxFileTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()

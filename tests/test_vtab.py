@@ -481,6 +481,31 @@ class PipelineTest(absltest.TestCase):
       np.testing.assert_array_equal(images[..., 0], images[..., 2])
       self.assertTrue(np.all((labels >= 0) & (labels < 4)))
 
+  def test_a_share_decodes_only_its_own_batches(self):
+    prepared = []  # one entry per example that reached decoding (the label is computed beside it)
+
+    def count(label):
+      prepared.append(int(label))
+      return label
+
+    label = vtab.Label(("label",), lambda ex: tf.py_function(count, [ex["label"]], tf.int64))
+    for split in ("train", "train[:20]+validation[:5]"):
+      whole = [example_ids(b[0]) for b in self.read(split, batch_size=6)]
+      got = []
+      for p in range(3):
+        share = base.Share(p, 3)
+        prepared.clear()
+        mine = [
+          example_ids(images)
+          for images, _ in pipeline.read(
+            self.builder, split, batch_size=6, image_size=16, label=label, num_classes=4, share=share
+          )
+        ]
+        self.assertEqual(mine, whole[p::3])  # the share's batches, as one process cuts them
+        self.assertLen(prepared, sum(map(len, mine)))  # nothing else was decoded
+        got += sum(mine, [])
+      self.assertEqual(sorted(got), sorted(sum(whole, [])))
+
   def test_reading_is_deterministic(self):
     first, second = self.read("train[5:35]"), self.read("train[5:35]")
     for (a, la), (b, lb) in zip(first, second, strict=True):

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import numpy as np
 import tensorflow as tf
@@ -148,6 +149,29 @@ class PreparedFolderTest(absltest.TestCase):
     # Fold 0 validates on the first 200 of train800.
     _, valid0 = base.fold_indices(0)
     np.testing.assert_array_equal(trainval[0][valid0], train800[0][:200])
+
+  def test_each_share_decodes_only_its_own_files(self):
+    task = data.get_task("cifar100", data_dir=self.root)
+    decoded = []
+    real = vtab_folder.load_image
+
+    def counted(entry, image_size):
+      decoded.append(entry.path)
+      return real(entry, image_size)
+
+    want = list(task.batches("test", 16, image_size=IMAGE_SIDE))
+    got = []
+    with mock.patch.object(vtab_folder, "load_image", counted):
+      for p in range(2):
+        decoded.clear()
+        mine = list(task.batches("test", 16, image_size=IMAGE_SIDE, share=base.Share(p, 2)))
+        for (images, labels), i in zip(mine, range(p, len(want), 2), strict=True):
+          np.testing.assert_array_equal(images, want[i][0])
+          np.testing.assert_array_equal(labels, want[i][1])
+        self.assertLen(decoded, sum(len(b[1]) for b in mine))  # no other share's file was opened
+        got += decoded
+    self.assertLen(set(got), len(got))
+    self.assertLen(got, NUM_TEST)
 
   def test_pixels_are_the_files_decoded_and_resized_as_tfds_does(self):
     task = data.get_task("clevr_distance", data_dir=self.root)

@@ -9,7 +9,7 @@ are index ranges of 'train800val200' (see `fold_indices`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -21,6 +21,46 @@ Batch = tuple[np.ndarray, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
+class Share:
+  """The batches of a split that one of `count` processes reads: batch i when i % count == index.
+
+  Batches are cut from the split's start, `batch_size` examples each (the last
+  may be smaller), so the shares of all processes tile the split and batch i
+  holds the same examples whatever the number of processes.
+  """
+
+  index: int = 0
+  count: int = 1
+
+  def __post_init__(self):
+    if not (self.count >= 1 and 0 <= self.index < self.count):
+      raise ValueError(f"share {self.index} of {self.count}: expected 0 <= index < count")
+
+  @property
+  def whole(self) -> bool:
+    return self.count == 1
+
+  def owns(self, batch: int) -> bool:
+    return batch % self.count == self.index
+
+  def starts(self, size: int, batch_size: int) -> range:
+    """First example of each batch of this share, for a split of `size` examples."""
+    return range(self.index * batch_size, size, self.count * batch_size)
+
+  def positions(self, size: int, batch_size: int) -> list[tuple[int, int]]:
+    """`(first example, examples)` of each batch of this share, in order."""
+    return [(s, min(batch_size, size - s)) for s in self.starts(size, batch_size)]
+
+  def chunks(self, items: Sequence, batch_size: int) -> Iterator[Sequence]:
+    """This share's batches of a list of examples (paths, entries), in order; no other is touched."""
+    for start in self.starts(len(items), batch_size):
+      yield items[start : start + batch_size]
+
+
+WHOLE = Share()
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
   """A classification task with named splits, read batch by batch.
 
@@ -29,31 +69,55 @@ class Task:
     num_classes: labels lie in [0, num_classes).
     split_sizes: split name -> number of examples.
     read: `read(split, batch_size, image_size) -> Iterator[Batch]`, in a fixed
-      order; the last batch may be smaller. Images come either at
-      `image_size` or at the source's own fixed size (the backbone resizes on
-      the device either way, bilinearly).
+      order, every batch `batch_size` examples but the last. Images come
+      either at `image_size` or at the source's own fixed size (the backbone
+      resizes on the device either way, bilinearly). With `reads_shares`,
+      `read(split, batch_size, image_size, share)` yields only the batches of
+      `share` (a `Share`) and reads or decodes no other example.
+    verify: `verify(split, batch_size, share)` raises ValueError naming the
+      first unreadable example of `share`'s batches of a split, cheaply (no
+      resizing); sources that are checked when prepared have none.
+    reads_shares: whether `read` takes a `share` (h2t's sources do). Without
+      it, a process's share is read whole and the other batches dropped.
   """
 
   name: str
   num_classes: int
   split_sizes: Mapping[str, int]
-  read: Callable[[str, int, int], Iterator[Batch]]
-  # `verify(split)` raises ValueError naming the first unreadable example of a
-  # split, cheaply (no resizing); sources that are checked when prepared have none.
-  verify: Callable[[str], None] | None = None
+  read: Callable[..., Iterator[Batch]]
+  verify: Callable[[str, int, Share], None] | None = None
+  reads_shares: bool = False
 
-  def batches(self, split: str, batch_size: int, *, image_size: int) -> Iterator[Batch]:
-    """Yields `(images, labels)` batches of `split` in a fixed order.
+  def batches(self, split: str, batch_size: int, *, image_size: int, share: Share = WHOLE) -> Iterator[Batch]:
+    """Yields `(images, labels)` batches of `split` in a fixed order: those of `share` only.
 
     Labels come out int32; a batch whose labels are not integers in
-    `[0, num_classes)` raises ValueError (see `check_labels`).
+    `[0, num_classes)` raises ValueError (see `check_labels`). A batch of
+    another size than the share's (`Share.positions`) raises ValueError.
     """
     self.check_split(split)
-    return self._checked(split, self.read(split, batch_size, image_size))
+    if share.whole:
+      batches = self.read(split, batch_size, image_size)
+    elif self.reads_shares:
+      batches = self.read(split, batch_size, image_size, share)
+    else:
+      batches = (b for i, b in enumerate(self.read(split, batch_size, image_size)) if share.owns(i))
+    expected = None if share.whole else share.positions(self.size(split), batch_size)
+    return self._checked(split, batches, expected)
 
-  def _checked(self, split: str, batches: Iterator[Batch]) -> Iterator[Batch]:
+  def _checked(self, split: str, batches: Iterator[Batch], expected) -> Iterator[Batch]:
+    where = f"task {self.name!r}, split {split!r}"
+    k = 0
     for images, labels in batches:
-      yield images, check_labels(labels, self.num_classes, where=f"task {self.name!r}, split {split!r}")
+      if expected is not None and (k >= len(expected) or len(labels) != expected[k][1]):
+        want = f"{expected[k][1]} examples" if k < len(expected) else "none"
+        raise ValueError(
+          f"{where}: batch {k} of this process's share has {len(labels)} examples, expected {want}"
+        )
+      k += 1
+      yield images, check_labels(labels, self.num_classes, where=where)
+    if expected is not None and k != len(expected):
+      raise ValueError(f"{where}: this process's share ended after {k} of its {len(expected)} batches")
 
   def size(self, split: str) -> int:
     self.check_split(split)
@@ -141,13 +205,13 @@ def array_task(name: str, num_classes: int, splits: Mapping[str, Batch]) -> Task
     checked[split] = (images, check_labels(labels, num_classes, where=f"task {name!r}, split {split!r}"))
   splits = checked
 
-  def read(split: str, batch_size: int, image_size: int) -> Iterator[Batch]:
+  def read(split: str, batch_size: int, image_size: int, share: Share = WHOLE) -> Iterator[Batch]:
     del image_size  # the backbone resizes on the device
     images, labels = splits[split]
-    for start in range(0, len(labels), batch_size):
+    for start in share.starts(len(labels), batch_size):
       yield images[start : start + batch_size], labels[start : start + batch_size]
 
-  return Task(name, num_classes, {k: len(v[1]) for k, v in splits.items()}, read)
+  return Task(name, num_classes, {k: len(v[1]) for k, v in splits.items()}, read, reads_shares=True)
 
 
 def vtab1k_splits(images: np.ndarray, labels: np.ndarray, test: Batch) -> dict[str, Batch]:

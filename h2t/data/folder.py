@@ -268,18 +268,17 @@ def load(name: str) -> FolderTask:
     "test": test,
   }
 
-  def read(split: str, batch_size: int, image_size: int) -> Iterator[base.Batch]:
-    items = splits[split]
-    for start in range(0, len(items), batch_size):
-      chunk = items[start : start + batch_size]
+  def read(split: str, batch_size: int, image_size: int, share=base.WHOLE) -> Iterator[base.Batch]:
+    for chunk in share.chunks(splits[split], batch_size):  # other processes' files are never opened
       images = load_images([p for p, _ in chunk], image_size)
       yield images, np.array([y for _, y in chunk], np.int32)
 
-  def verify(split: str) -> None:
+  def verify(split: str, batch_size: int, share=base.WHOLE) -> None:
     # Decoded at a small draft size (JPEG) with no resize: a damaged test image is found before
-    # training starts, not after it.
-    for path, _ in splits[split]:
-      load_image(path, 8)
+    # training starts, not after it. Each process checks the files it will read.
+    for chunk in share.chunks(splits[split], batch_size):
+      for path, _ in chunk:
+        load_image(path, 8)
 
   return FolderTask(
     name=f"{short_name(name)}_{_fingerprint(root, names, files)}",
@@ -287,6 +286,7 @@ def load(name: str) -> FolderTask:
     num_classes=len(names),
     split_sizes={k: len(v) for k, v in splits.items()},
     read=read,
+    reads_shares=True,
     root=root,
     class_names=names,
     layout=layout,

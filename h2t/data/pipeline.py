@@ -6,7 +6,8 @@ order (no file shuffling, one file at a time), so index `i` of a stream is
 example `i` of the TFDS split string, which is what folds and `data_fraction`
 subsets are defined on. Only the features a label needs are decoded, images
 are decoded in parallel, and nothing is cached: a split streams through in
-batches whatever its size.
+batches whatever its size. A process of a run over several hosts decodes only
+its own batches (`share`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def dataset(
   num_classes: int,
   binary_image: bool = False,
   name: str = "",
+  share: base.Share = base.WHOLE,
 ) -> tf.data.Dataset:
   """Batches of `split` in its own order: `(images [b, S, S, 3] float32, labels [b] int32)`.
 
@@ -72,6 +74,10 @@ def dataset(
     num_classes: labels outside [0, num_classes) raise, naming the task.
     binary_image: the stored pixels are 0/1 (dSprites): scale them to 0/255.
     name: the task name, for error messages.
+    share: only the batches of this share (`h2t.data.base.Share`): the other
+      examples are dropped before their images are decoded (TFRecord files
+      have no index, so their records are still read past, as TFDS's own
+      `skip` does), and the kept ones batch into exactly the share's batches.
   """
   image_feature = builder.info.features[IMAGE_KEY]
   grey = image_feature.shape[-1] == 1
@@ -108,6 +114,14 @@ def dataset(
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options)
+  if not share.whole:
+    count, index = share.count, share.index
+
+    def owned(i, example):
+      del example
+      return (i // batch_size) % count == index
+
+    ds = ds.enumerate().filter(owned).map(lambda i, example: example)
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 

@@ -299,7 +299,7 @@ def load(name: str, *, data_dir: str | None = None) -> base.Task:
   sizes = check_prepared(name, spec, builder)
   splits = spec.splits
 
-  def read(split: str, batch_size: int, image_size: int):
+  def read(split: str, batch_size: int, image_size: int, share: base.Share = base.WHOLE):
     return pipeline.read(
       builder,
       splits[split],
@@ -309,9 +309,10 @@ def load(name: str, *, data_dir: str | None = None) -> base.Task:
       num_classes=spec.num_classes,
       binary_image=spec.binary_image,
       name=name,
+      share=share,
     )
 
-  return base.Task(name, spec.num_classes, sizes, read)
+  return base.Task(name, spec.num_classes, sizes, read, reads_shares=True)
 
 
 def check_prepared(name: str, spec: VtabTask, builder: Any) -> dict[str, int]:

@@ -325,10 +325,8 @@ def load(name: str, data_dir: str) -> PreparedVtabTask:
     ", ".join(f"{k} {len(v)}" for k, v in splits.items()),
   )
 
-  def read(split: str, batch_size: int, image_size: int) -> Iterator[base.Batch]:
-    entries = splits[split]
-    for start in range(0, len(entries), batch_size):
-      chunk = entries[start : start + batch_size]
+  def read(split: str, batch_size: int, image_size: int, share=base.WHOLE) -> Iterator[base.Batch]:
+    for chunk in share.chunks(splits[split], batch_size):  # other processes' files are never opened
       yield load_images(chunk, image_size), np.array([e.label for e in chunk], np.int32)
 
   return PreparedVtabTask(
@@ -336,5 +334,6 @@ def load(name: str, data_dir: str) -> PreparedVtabTask:
     num_classes=spec.num_classes,
     split_sizes={k: len(v) for k, v in splits.items()},
     read=read,
+    reads_shares=True,
     folder=folder,
   )
