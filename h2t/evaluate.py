@@ -145,7 +145,10 @@ def load(ctx: Context) -> None:
         ctx.backbones[key] = _create_backbone(b.name, b.checkpoint or None, int(b.input_size) or None)
     ctx.task = _get_task(ctx.config, ctx.config.dataset)
     if ctx.config.eval_mode == "test" and ctx.task.verify is not None:
-      ctx.task.verify("test")  # an unreadable test image fails now, not after training
+      # An unreadable test image fails now, not after training; each process checks its own share.
+      ctx.task.verify(
+        "test", platform.resolve_batch_size(int(ctx.config.backbone.batch_size)), multihost.share()
+      )
   first = ctx.backbone(ctx.points[0][1])
   logging.info(
     "backbone %s (%s) at %d px%s; task %s, %d classes; %d grid point(s)",
@@ -276,8 +279,8 @@ def stream_test(networks, task, heads: dict[str, Head], batch_size: int) -> dict
   Heads are grouped by network and pooling settings (`head.meta`); each group
   reads the test set once, pools only the taps its heads kept, and no batch
   outlives its step, so memory does not grow with the test set. With several
-  processes each runs its share of the batches (`multihost.own_batches`) and
-  the correct counts are summed over the processes.
+  processes each reads and runs only its share of the batches
+  (`multihost.share`) and the correct counts are summed over the processes.
   """
   groups: dict[tuple, dict[str, Head]] = {}
   for name, head in heads.items():
@@ -291,19 +294,21 @@ def stream_test(networks, task, heads: dict[str, Head], batch_size: int) -> dict
   by_identity = {(b.name, b.checkpoint_id, b.input_size): b for b in networks}
   correct, n = dict.fromkeys(heads, 0), 0
   batch_size = platform.resolve_batch_size(batch_size)
+  mine = multihost.share()
+  own_images = sum(rows for _, rows in mine.positions(task.size("test"), batch_size))
   for ((*identity, dtype), target_size, pool_size, cls_pool), members in groups.items():
     backbone = by_identity[tuple(identity)]
     taps = list(dict.fromkeys(t for h in members.values() for t in h.kept))
     n = 0
     for feats, labels in features.extract_batches(
       backbone,
-      multihost.own_batches(task.batches("test", batch_size, image_size=backbone.input_size)),
+      task.batches("test", batch_size, image_size=backbone.input_size, share=mine),
       taps=taps,
       target_size=target_size,
       batch_size=batch_size,
       cls_token_pool=cls_pool,
       pool_size=pool_size,
-      total=task.size("test"),
+      total=own_images,
       dtype=dtype,
     ):
       for name, head in members.items():

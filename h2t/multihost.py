@@ -5,16 +5,18 @@
 
 What is split and what is not:
 
-* Extraction: process p runs the backbone on batches i of a split with
-  i % P == p (`own_batches`); the pooled training features are gathered once
-  (`extract_task_split`), so every process holds the same `[1000, D]` arrays
-  in the split's order.
+* Extraction: process p reads (decodes) and runs the backbone on batches i
+  of a split with i % P == p (`share`; the task's reader skips the others'
+  batches before decoding them, so no image is read by two processes); the
+  pooled training features are gathered once (`extract_task_split`), so every
+  process holds the same `[1000, D]` arrays in the split's order.
 * The grid, the selection and the final fit run on every process, on the same
   data, with the same seeds: every process gets the same heads. The heads are
   spread over each process's own devices (`HeadSharding` over
   `jax.local_devices()`), not over all processes' devices (README, "Several
   hosts", says why).
-* The streamed test is split like extraction; the correct counts are summed.
+* The streamed test is split like extraction (and so is the check of the
+  test images before training, `Task.verify`); the correct counts are summed.
 * Process 0 alone touches the workdir: the lock, the feature cache (it reads
   it and hands the features to the others, `from_writer`), the heads,
   results.json, TensorBoard and log.txt.
@@ -35,7 +37,7 @@ import logging as py_logging
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
@@ -256,20 +258,15 @@ def check_same(what: str, text: str) -> None:
     )
 
 
-def own_batches(batches: Iterable, positions: list[tuple[int, int]] | None = None) -> Iterator:
-  """This process's share of `batches`: batch i when i % count() == index().
+def share():
+  """This process's share of every split: batch i when i % count() == index() (`h2t.data.base.Share`).
 
-  Appends `(first row, rows)` of every batch it yields to `positions`. With one
-  process every batch is its own.
+  A task reads only these batches (`Task.batches(..., share=share())`): no
+  other process decodes them, and this one decodes no other.
   """
-  n, me, start = count(), index(), 0
-  for i, batch in enumerate(batches):
-    rows = len(batch[1])
-    if i % n == me:
-      if positions is not None:
-        positions.append((start, rows))
-      yield batch
-    start += rows
+  from h2t.data import base
+
+  return base.Share(index(), count())
 
 
 def gather_rows(
@@ -317,13 +314,17 @@ def extract_task_split(backbone, task, split: str, **kwargs) -> tuple[dict[str, 
 
   if count() == 1:
     return features.extract_task_split(backbone, task, split, **kwargs)
-  batch_size = int(kwargs["batch_size"])
-  positions: list[tuple[int, int]] = []
+  from h2t import platform
+
+  batch_size = platform.resolve_batch_size(int(kwargs.pop("batch_size")))
+  mine = share()
+  positions = mine.positions(task.size(split), batch_size)
   parts = list(
     features.extract_batches(
       backbone,
-      own_batches(task.batches(split, batch_size, image_size=backbone.input_size), positions),
-      total=task.size(split),
+      task.batches(split, batch_size, image_size=backbone.input_size, share=mine),
+      total=sum(rows for _, rows in positions),
+      batch_size=batch_size,
       **kwargs,
     )
   )
@@ -335,7 +336,9 @@ def extract_task_split(backbone, task, split: str, **kwargs) -> tuple[dict[str, 
   taps = list(kwargs["taps"])  # network order (the jitted extractor's dicts come back sorted)
   feats = {k: np.concatenate([p[0][k] for p in parts]) for k in taps}
   labels = np.concatenate([p[1] for p in parts])
-  logging.info("process %d extracted %d of %d images of %s", index(), len(labels), task.size(split), split)
+  logging.info(
+    "process %d read and extracted %d of %d images of %s", index(), len(labels), task.size(split), split
+  )
   return gather_rows(feats, labels, positions, task.size(split))
 
 

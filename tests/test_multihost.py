@@ -1,16 +1,21 @@
 """Two `h2t.main` processes on this machine (CPU, gloo) are one run: the one-process result, one writer."""
 
+import collections
 import glob
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 
 import numpy as np
 from absl.testing import absltest
+from PIL import Image
 
 from h2t import multihost
+from h2t.data import base
 from tests import toy
 
 # 20 training steps, two keep fractions: a grid whose choice and kept features can differ.
@@ -25,8 +30,36 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_processes(workdirs, *overrides, cwds=None, n=2):
-  """Starts `n` `h2t.main` processes of one run on 127.0.0.1; process i uses `workdirs[i]`."""
+def write_digits_folder(root: str) -> None:
+  """scikit-learn's digits as PNG files, `root/train/<digit>/` (1000 images) and `root/test/<digit>/` (797)."""
+  from sklearn import datasets
+
+  digits = datasets.load_digits()
+  order = np.random.default_rng(0).permutation(len(digits.target))
+  for n, i in enumerate(order):
+    folder = os.path.join(root, "train" if n < 1000 else "test", str(digits.target[i]))
+    os.makedirs(folder, exist_ok=True)
+    pixels = np.round(digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+    Image.fromarray(pixels).save(os.path.join(folder, f"{n:04d}.png"))
+
+
+def counted(cmd, reads: str):
+  """`cmd` (an `h2t.main` command) run through tests/read_counter.py, which lists its decodes in `reads`."""
+  assert cmd[1:3] == ["-m", "h2t.main"], cmd
+  return [sys.executable, "-m", "tests.read_counter", reads, *cmd[3:]]
+
+
+def decoded(reads: str) -> collections.Counter:
+  """`(path, size)` -> how many times the process decoded that file at that size."""
+  with open(reads) as f:
+    return collections.Counter(map(tuple, json.load(f)))
+
+
+def start_processes(workdirs, *overrides, cwds=None, n=2, reads=None):
+  """Starts `n` `h2t.main` processes of one run on 127.0.0.1; process i uses `workdirs[i]`.
+
+  `reads`: if given, process i lists the image files it decodes in `reads[i]` (`counted`).
+  """
   port = free_port()
   procs = []
   for i in range(n):
@@ -39,6 +72,8 @@ def start_processes(workdirs, *overrides, cwds=None, n=2):
       f"--process_id={i}",
       fast=FAST,
     )
+    if reads:
+      cmd = counted(cmd, reads[i])
     procs.append(
       subprocess.Popen(
         cmd,
@@ -77,23 +112,30 @@ def error_lines(stderr: str) -> list[str]:
 
 
 class TwoProcessRunTest(absltest.TestCase):
-  """A one-process run, then the same run as two processes; process 1 gets a workdir it must never make."""
+  """A one-process run, then the same run as two processes; process 1 gets a workdir it must never make.
+
+  The task is scikit-learn's digits as a folder of PNG files, so that every
+  image is decoded from a file, and each process lists the files it decoded.
+  """
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
     cls.tmp = tempfile.mkdtemp(prefix="h2t_multihost_")
     cls.single, cls.shared, cls.elsewhere = (os.path.join(cls.tmp, d) for d in ("single", "shared", "p1"))
+    write_digits_folder(os.path.join(cls.tmp, "digits"))
+    cls.dataset = f"--config.dataset=folder:{os.path.join(cls.tmp, 'digits')}"
+    cls.reads = [os.path.join(cls.tmp, f"reads_{who}.json") for who in ("single", "p0", "p1")]
     # The one-process run goes alongside the two processes (the machine's cores are shared either way).
     single = subprocess.Popen(
-      toy.main_command(cls.single, fast=FAST),
+      counted(toy.main_command(cls.single, cls.dataset, fast=FAST), cls.reads[0]),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
       env=toy.environ(ENV),
       cwd=toy.ROOT,
     )
-    cls.procs = finish(start_processes([cls.shared, cls.elsewhere]))
+    cls.procs = finish(start_processes([cls.shared, cls.elsewhere], cls.dataset, reads=cls.reads[1:]))
     ((rc, _, err),) = finish([single])
     assert rc == 0, err[-3000:]
 
@@ -131,6 +173,22 @@ class TwoProcessRunTest(absltest.TestCase):
     self.assertIn("results: ", out0)
     self.assertNotIn("results: ", out1)
 
+  def test_no_image_is_read_by_two_processes(self):
+    for rc, _, err in self.procs:
+      self.assertEqual(rc, 0, err[-3000:])
+    one, p0, p1 = map(decoded, self.reads)
+    images = glob.glob(os.path.join(self.tmp, "digits", "*", "*", "*.png"))
+    self.assertLen(images, 1797)
+    self.assertCountEqual({path for path, _ in one}, images)  # the one-process run reads every file
+    files0, files1 = {path for path, _ in p0}, {path for path, _ in p1}
+    self.assertEqual(files0 & files1, set())  # no file is opened by both processes
+    self.assertEqual(p0 + p1, one)  # every decode of the one-process run happens on exactly one process
+    # Each reads its share of the batches: 8 of the 16 training batches of 64 and 7 of the 13 test batches.
+    for p, files in enumerate((files0, files1)):
+      share = base.Share(p, 2)
+      expected = sum(n for _, n in share.positions(1000, 64)) + sum(n for _, n in share.positions(797, 64))
+      self.assertLen(files, expected)
+
   def test_process_0_alone_writes(self):
     self.assertFalse(os.path.exists(self.elsewhere))
     self.assertCountEqual(
@@ -144,7 +202,7 @@ class TwoProcessRunTest(absltest.TestCase):
     # Process 0 reads the first run's cache and hands the features to process 1, which has none.
     rerun = os.path.join(self.tmp, "rerun")
     cache_dir = f"--config.cache_dir={os.path.join(self.shared, 'cache')}"
-    procs = start_processes([rerun, self.elsewhere], "--config.eval_mode=valid", cache_dir)
+    procs = start_processes([rerun, self.elsewhere], self.dataset, "--config.eval_mode=valid", cache_dir)
     (rc0, _, err0), (rc1, _, err1) = finish(procs)
     self.assertEqual(rc0, 0, err0[-3000:])
     self.assertEqual(rc1, 0, err1[-3000:])
@@ -258,16 +316,10 @@ class FlagsTest(absltest.TestCase):
 
 
 class OneProcessTest(absltest.TestCase):
-  def test_shares_tile_the_split(self):
-    # One process owns every batch; the positions are each batch's first row and size.
-    positions = []
-    batches = [
-      (np.zeros((4, 1)), np.zeros(4)),
-      (np.zeros((4, 1)), np.zeros(4)),
-      (np.zeros((2, 1)), np.zeros(2)),
-    ]
-    self.assertLen(list(multihost.own_batches(iter(batches), positions)), 3)
-    self.assertEqual(positions, [(0, 4), (4, 4), (8, 2)])
+  def test_one_process_reads_every_batch(self):
+    share = multihost.share()
+    self.assertEqual((share.index, share.count), (0, 1))
+    self.assertEqual(share.positions(10, 4), [(0, 4), (4, 4), (8, 2)])
     self.assertEqual(multihost.sum_counts({"a": 3}), {"a": 3})
     self.assertTrue(multihost.writer_decides(True))
 
