@@ -107,7 +107,10 @@ def _feature_key(cfg) -> str:
 
 def _get_task(config, name: str):
   return data.get_task(
-    name, data_dir=config.data_dir or None, fashion_mnist_dir=config.fashion_mnist_dir or None
+    name,
+    data_dir=config.data_dir or None,
+    fashion_mnist_dir=config.fashion_mnist_dir or None,
+    share=multihost.share(),
   )
 
 

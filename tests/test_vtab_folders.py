@@ -301,6 +301,23 @@ class BadListsTest(parameterized.TestCase):
       rf"^{path} line 900: '000899.jpg' .* is not the image of .*val200.txt line 100.*disagree"
     )
 
+  def test_each_process_compares_its_share_of_trainval(self):
+    other = os.path.join(self.dir, "images", "train800val200", "000899.jpg")  # line 900: index 899
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(other)
+    with self.assertRaisesRegex(ValueError, "line 900: '000899.jpg'"):
+      data.get_task("cifar100", data_dir=self.root, share=base.Share(899 % 3, 3))
+    opened = []
+    real = vtab_folder._same_file_content
+
+    def counted(a, b):
+      opened.append(a)
+      return real(a, b)
+
+    with mock.patch.object(vtab_folder, "_same_file_content", counted):
+      data.get_task("cifar100", data_dir=self.root, share=base.Share(1, 3))  # not its pair: no error
+    trainval = vtab_folder.parse_list(os.path.join(self.dir, "train800val200.txt"), self.dir, 100)
+    self.assertEqual(opened, [e.path for e in trainval[1::3]])  # its third of the pairs, no other
+
   def test_trainval_with_another_label(self):
     def relabel(lines):
       label = int(lines[9].rsplit(maxsplit=1)[1])

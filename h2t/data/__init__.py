@@ -33,7 +33,13 @@ def check_task_name(name: str) -> None:
     raise ValueError(f"unknown task {name!r}; expected one of {', '.join(task_names())}")
 
 
-def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str | None = None) -> base.Task:
+def get_task(
+  name: str,
+  *,
+  data_dir: str | None = None,
+  fashion_mnist_dir: str | None = None,
+  share: base.Share = base.WHOLE,
+) -> base.Task:
   """Returns the named task.
 
   Args:
@@ -44,6 +50,8 @@ def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str |
       folder (`vtab_folder.FOLDERS`, e.g. 'cifar' for 'cifar100'), the task
       is read from them instead of TFDS.
     fashion_mnist_dir: folder of Fashion-MNIST IDX files, the offline source.
+    share: this process's share (several processes): a prepared VTAB-1k
+      folder's check of its lists reads only this share's files.
   """
   if name == "digits":
     return local.load_digits()
@@ -53,7 +61,7 @@ def get_task(name: str, *, data_dir: str | None = None, fashion_mnist_dir: str |
     return folder.load(name)
   if name in vtab.TASKS:
     if vtab_folder.has_lists(name, data_dir):
-      return vtab_folder.load(name, data_dir)
+      return vtab_folder.load(name, data_dir, share)
     try:
       return vtab.load(name, data_dir=data_dir)
     except vtab.NotPreparedError as e:

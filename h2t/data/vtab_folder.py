@@ -187,16 +187,20 @@ def _content_key(entry: Entry) -> tuple[str, int]:
     return hashlib.sha256(f.read()).hexdigest(), entry.label
 
 
-def check_train800val200(train800: list[Entry], val200: list[Entry], trainval: list[Entry]) -> None:
+def check_train800val200(
+  train800: list[Entry], val200: list[Entry], trainval: list[Entry], share: base.Share = base.WHOLE
+) -> None:
   """Fails unless `trainval` lists the images and labels of `train800`, then `val200`, in order.
 
   Paths may differ (the prepared folders store each split's images apart);
   two entries are the same image when they name the same file or files with
-  identical bytes.
+  identical bytes. With a `share` of several processes, this one compares
+  pairs i with `share.owns(i)` only (each pair's files are read by one
+  process); a mismatch found by any process stops the run.
   """
   expected = train800 + val200
-  for got, want in zip(trainval, expected, strict=True):
-    if got.label == want.label and _same_file_content(got.path, want.path):
+  for i, (got, want) in enumerate(zip(trainval, expected, strict=True)):
+    if not share.owns(i) or (got.label == want.label and _same_file_content(got.path, want.path)):
       continue
     same_set = sorted(map(_content_key, trainval)) == sorted(map(_content_key, expected))
     hint = (
@@ -212,8 +216,10 @@ def check_train800val200(train800: list[Entry], val200: list[Entry], trainval: l
     )
 
 
-def read_lists(name: str, data_dir: str) -> tuple[str, dict[str, list[Entry]]]:
-  """Reads and checks the four lists of task `name` under `data_dir`.
+def read_lists(
+  name: str, data_dir: str, share: base.Share = base.WHOLE
+) -> tuple[str, dict[str, list[Entry]]]:
+  """Reads and checks the four lists of task `name` under `data_dir` (`share`: see `check_train800val200`).
 
   Returns:
     `(folder, {split: [Entry]})` for the splits of `LIST_FILES`.
@@ -238,7 +244,7 @@ def read_lists(name: str, data_dir: str) -> tuple[str, dict[str, list[Entry]]]:
     raise ValueError(f"{paths['test']} lists no images")
   for entries in splits.values():
     _check_files_exist(entries, folder)
-  check_train800val200(splits["train800"], splits["val200"], splits["train800val200"])
+  check_train800val200(splits["train800"], splits["val200"], splits["train800val200"], share)
   return folder, splits
 
 
@@ -304,8 +310,11 @@ def load_images(entries: Sequence[Entry], image_size: int) -> np.ndarray:
     return np.stack(list(pool.map(lambda e: load_image(e, image_size), entries)))
 
 
-def load(name: str, data_dir: str) -> PreparedVtabTask:
+def load(name: str, data_dir: str, share: base.Share = base.WHOLE) -> PreparedVtabTask:
   """VTAB-1k task `name` from its prepared folder under `data_dir` (see the module docstring).
+
+  `share`: this process's share of the lists' check (`check_train800val200`);
+  the task itself reads any share it is asked for.
 
   Returns:
     A `Task` with splits 'train800', 'val200', 'train800val200' and 'test',
@@ -317,7 +326,7 @@ def load(name: str, data_dir: str) -> PreparedVtabTask:
       the file and line.
   """
   spec = vtab.get_spec(name)
-  folder, splits = read_lists(name, data_dir)
+  folder, splits = read_lists(name, data_dir, share)
   logging.info(
     "VTAB task %s: reading the prepared folder %s (%s), not TFDS",
     name,
