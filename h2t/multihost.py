@@ -7,7 +7,7 @@ What is split and what is not:
 
 * Extraction: process p reads (decodes) and runs the backbone on batches i
   of a split with i % P == p (`share`; the task's reader skips the others'
-  batches before decoding them, so no image is read by two processes); the
+  batches before decoding them, so no image is decoded by two processes); the
   pooled training features are gathered once (`extract_task_split`), so every
   process holds the same `[1000, D]` arrays in the split's order.
 * The grid, the selection and the final fit run on every process, on the same
