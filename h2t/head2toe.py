@@ -269,25 +269,33 @@ def cross_validate(
   num_classes: int,
   num_folds: int = 5,
   select_from: SelectionSource | None = None,
+  folds: Sequence[int] | None = None,
 ) -> np.ndarray:
   """Validation accuracy `[P, num_folds]` of each grid point on the reference's folds.
 
   Points are grouped by `grid.program_key`; each group is one `run_grid` call
   (with `data_fraction`, folds whose subsets differ in size run apart).
   `select_from` (`fs_dataset`) selects on another task's same folds.
+  `folds`: run only these folds (a process's share, `h2t.evaluate.cv_units`);
+  the others' columns are NaN. A fold's accuracies do not depend on which
+  other folds run with it (each fold has its own key, and the folds are a
+  batch axis of the programs).
   """
   from h2t.data import base as data_base
 
-  folds = [data_base.fold_indices(f, len(labels), num_folds) for f in range(num_folds)]
+  run_folds = range(num_folds) if folds is None else sorted(set(folds))
+  if any(not 0 <= f < num_folds for f in run_folds):
+    raise ValueError(f"folds {list(run_folds)} must lie in [0, {num_folds})")
+  splits = [data_base.fold_indices(f, len(labels), num_folds) for f in range(num_folds)]
   s_train = None
   if select_from is not None:
     s_train = [data_base.fold_indices(f, len(select_from.labels), num_folds)[0] for f in range(num_folds)]
-  acc = np.zeros((len(learnings), num_folds))
+  acc = np.full((len(learnings), num_folds), np.nan)
   for members in grid.group_by(learnings, grid.program_key).values():
-    subsets = [(training_subset(tr, labels, learnings[members[0]], num_classes), ev) for tr, ev in folds]
+    subsets = [(training_subset(tr, labels, learnings[members[0]], num_classes), ev) for tr, ev in splits]
     by_size: dict[int, list[int]] = {}
-    for f, (tr, _) in enumerate(subsets):
-      by_size.setdefault(len(tr), []).append(f)
+    for f in run_folds:
+      by_size.setdefault(len(subsets[f][0]), []).append(f)
     for fold_ids in by_size.values():
       run = run_grid(
         prep,

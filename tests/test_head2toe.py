@@ -197,6 +197,20 @@ class GridTest(absltest.TestCase):
         self.assertGreaterEqual(len(shared), 0.95 * k)
       np.testing.assert_allclose(together.accuracy[:, p], alone.accuracy[:, 0], atol=1 / 20 + 1e-9)
 
+  def test_a_share_of_the_folds_gives_their_accuracies(self):
+    # What a process of a multi-process run computes (h2t.evaluate.cv_units): some folds, every point.
+    feats, labels = _toy_task(n=100, informative=("a", "b"))
+    prep = head2toe.prepare(feats)
+    points = self._points()[::2]
+    whole = head2toe.cross_validate(prep, labels, points, seed=4, num_classes=3)
+    self.assertFalse(np.isnan(whole).any())
+    for share in ([0, 2, 4], [3, 1]):
+      part = head2toe.cross_validate(prep, labels, points, seed=4, num_classes=3, folds=share)
+      np.testing.assert_array_equal(part[:, share], whole[:, share])
+      self.assertTrue(np.isnan(np.delete(part, share, axis=1)).all())
+    with self.assertRaisesRegex(ValueError, "must lie in"):
+      head2toe.cross_validate(prep, labels, points, seed=4, num_classes=3, folds=[5])
+
   def test_grid_fit_equals_head_api(self):
     feats, labels = _toy_task(n=100)
     learning = _learning(training_steps=40)
