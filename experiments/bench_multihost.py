@@ -1,9 +1,10 @@
-r"""A run over two processes on this machine against the same run in one: wall time, images decoded.
+r"""A run over two processes on this machine against the same run in one: wall time, images decoded, heads trained.
 
 The task is scikit-learn's digits written as PNG files (1000 training, 797
 test images in a `train/` + `test/` folder), so every image is decoded from a
 file; each process runs through `tests/read_counter.py`, which lists the files
-it decodes. The one-process run goes first, then the two processes
+it decodes and the heads it trains (CV heads: one per distinct grid point and
+fold; final fits: one per method). The one-process run goes first, then the two processes
 (`--multihost`, 127.0.0.1, gloo on the CPU), with the test suite's settings
 (32 px, target size 64, 20 steps, keep fraction 0.05 / 0.1).
 
@@ -13,7 +14,6 @@ it decodes. The one-process run goes first, then the two processes
 from __future__ import annotations
 
 import collections
-import json
 import os
 import subprocess
 import sys
@@ -68,30 +68,37 @@ def main(argv):
     procs.append(launch(os.path.join(tmp, f"two_{i}"), os.path.join(tmp, f"reads_p{i}.json"), *flags_i))
   runs["two processes"] = [(p, p.communicate(), f"reads_p{i}.json") for i, p in enumerate(procs)]
   out(f"two processes: wall {time.perf_counter() - start:.1f} s")
-  decoded = {}
+  decoded, heads = {}, {}
   for name, members in runs.items():
     for i, (proc, (stdout, stderr), reads) in enumerate(members):
       who = name if len(members) == 1 else f"{name}, process {i}"
       if proc.returncode != 0:
         out(f"{who}: FAILED (exit {proc.returncode}): {stderr.strip().splitlines()[-1:]}")
         continue
-      with open(os.path.join(tmp, reads)) as f:
-        counts = collections.Counter(map(tuple, json.load(f)))
+      counts = test_multihost.decoded(os.path.join(tmp, reads))
       decoded[who] = counts
+      heads[who] = test_multihost.trained(os.path.join(tmp, reads))
+      fits = test_multihost.trained(os.path.join(tmp, reads), cv=False)
       by_size = collections.Counter()
       for (_, size), n in counts.items():
         by_size[size] += n
       files = len({path for path, _ in counts})
       sizes = ", ".join(f"{n} at {s} px" for s, n in sorted(by_size.items(), reverse=True))
       out(f"{who}: decoded {sum(counts.values())} times ({sizes}), {files} distinct files")
+      out(f"{who}: trained {sum(heads[who].values())} CV heads and {sum(fits.values())} final fit(s)")
       for line in stdout.splitlines():
-        if "accuracy" in line or line.strip().startswith("time:"):
+        if "accuracy" in line or line.strip().startswith(("time:", "cv:")):
           out(f"{who}: {line.strip()}")
   if len(decoded) == 3:
     one, p0, p1 = decoded.values()
     shared = {p for p, _ in p0} & {p for p, _ in p1}
     out(
       f"files decoded by both processes: {len(shared)}; process 0 + process 1 == one process: {p0 + p1 == one}"
+    )
+    one, p0, p1 = heads.values()
+    out(
+      f"CV heads trained by both processes: {len(set(p0) & set(p1))}; "
+      f"process 0 + process 1 == one process: {p0 + p1 == one}"
     )
   if FLAGS.out:
     out.write(FLAGS.out)

@@ -201,7 +201,14 @@ def extract(ctx: Context) -> None:
 
 
 def cross_validate(ctx: Context, results: dict[str, Any]) -> dict[str, int]:
-  """Phase 3: 5-fold CV of every grid point of every searched method; returns each method's choice."""
+  """Phase 3: 5-fold CV of every grid point of every searched method; returns each method's choice.
+
+  With several processes the work is split by (batch, fold): unit k of the
+  list `[(batch, fold) for batch in the plan for fold in 0..4]` runs on
+  process k % P, which trains every distinct point of the batch on that fold
+  (`cv_units`); the fold accuracies are then gathered (`multihost.gather_cells`),
+  so every process makes the same choice.
+  """
   chosen = {m.name: 0 for m in ctx.methods}
   if not (ctx.config.eval_mode == "valid" or len(ctx.points) > 1):
     return chosen
@@ -209,8 +216,18 @@ def cross_validate(ctx: Context, results: dict[str, Any]) -> dict[str, int]:
   batches = grid.plan(ctx.points, searched, config_lib.FEATURE_FIELDS)
   for line in grid.describe(batches, ctx.points):
     logging.info("plan: %s", line)
+  owners = cv_units(len(batches), multihost.count())
+  me = multihost.index()
   acc = {m.name: np.zeros((len(ctx.points), base.NUM_FOLDS)) for m in searched}
-  for batch in batches:
+  done = {m.name: np.zeros((len(ctx.points), base.NUM_FOLDS), bool) for m in searched}
+  heads = np.zeros(multihost.count(), np.int64)  # (distinct point, fold) heads each process trains
+  mine = []
+  for b, batch in enumerate(batches):
+    heads += len(batch.runs) * np.bincount(owners[b], minlength=len(heads))
+    folds = [f for f in range(base.NUM_FOLDS) if owners[b][f] == me]
+    if not folds:
+      continue
+    mine.append(f"{batch.method} folds {','.join(map(str, folds))}")
     method = methods_lib.METHODS[batch.method]
     first_cfg = ctx.points[batch.runs[0][0]][1]
     prep = head2toe.prepare(method.features(ctx.features(first_cfg)))
@@ -223,9 +240,23 @@ def cross_validate(ctx: Context, results: dict[str, Any]) -> dict[str, int]:
         seed=int(ctx.config.seed),
         num_classes=ctx.task.num_classes,
         select_from=ctx.source(first_cfg) if method.selects else None,
+        folds=folds,
       )
     for run, row in zip(batch.runs, got, strict=True):
-      acc[method.name][list(run)] = row
+      acc[method.name][np.ix_(run, folds)] = row[folds]
+      done[method.name][np.ix_(run, folds)] = True
+  if multihost.count() > 1:
+    logging.info(
+      "cv: process %d of %d trained %d of %d heads (%s)",
+      me,
+      multihost.count(),
+      heads[me],
+      heads.sum(),
+      "; ".join(mine) or "none",
+    )
+    with ctx.timed("cv_gather"):
+      acc = {name: multihost.gather_cells(a, done[name]) for name, a in acc.items()}
+  results["cv_heads_per_process"] = heads.tolist()
   for method in searched:
     # Fold accuracies are counts / 200 in float64, so equal counts tie exactly; the first point wins.
     entries = [
@@ -241,6 +272,19 @@ def cross_validate(ctx: Context, results: dict[str, Any]) -> dict[str, int]:
       "fold_accuracies": entries[best]["fold_accuracies"],
     }
   return chosen
+
+
+def cv_units(num_batches: int, num_processes: int) -> np.ndarray:
+  """`[num_batches, NUM_FOLDS]`: the process that runs each (batch, fold) of the CV (round robin).
+
+  A unit is one fold of one `grid.plan` batch, with all the batch's points:
+  each compiled program keeps the head axis of a one-process run, so its
+  arithmetic, hence every fold accuracy, is the same bit for bit (splitting
+  a batch's points instead changes the head count, and with it how XLA's CPU
+  matmuls block their sums: the weights then differ in the last bits).
+  """
+  k = np.arange(num_batches * base.NUM_FOLDS).reshape(num_batches, base.NUM_FOLDS)
+  return k % num_processes
 
 
 def fit_chosen(ctx: Context, chosen: dict[str, int], results: dict[str, Any]) -> dict[str, Head]:

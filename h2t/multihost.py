@@ -384,3 +384,34 @@ def sum_counts(counts: dict[str, int]) -> dict[str, int]:
   keys = list(counts)
   every = np.asarray(multihost_utils.process_allgather(np.asarray([counts[k] for k in keys], np.int32)))
   return {k: int(v) for k, v in zip(keys, every.sum(axis=0), strict=True)}
+
+
+def gather_cells(values: np.ndarray, done: np.ndarray) -> np.ndarray:
+  """Each cell of `values` (float64) from the one process that computed it (`done`), on every process.
+
+  The values travel as their bytes (JAX would round float64 to float32), so
+  they arrive bit for bit.
+
+  Raises:
+    RuntimeError: a cell computed by no process, or by several.
+  """
+  values = np.ascontiguousarray(values, np.float64)
+  if count() == 1:
+    if not np.asarray(done).all():
+      raise RuntimeError(f"{int((~np.asarray(done)).sum())} cell(s) of the CV table were never computed")
+    return values
+  from jax.experimental import multihost_utils
+
+  every = multihost_utils.process_allgather(
+    {"bits": values.view(np.uint32), "done": np.asarray(done, np.uint8)}
+  )
+  got = np.asarray(every["done"]).astype(bool)  # [P, ...]
+  owners = got.sum(axis=0)
+  if not (owners == 1).all():
+    raise RuntimeError(
+      f"the processes' shares of the CV do not tile it: {int((owners == 0).sum())} cell(s) computed by "
+      f"no process, {int((owners > 1).sum())} by several"
+    )
+  cells = np.ascontiguousarray(np.asarray(every["bits"], np.uint32)).view(np.float64)  # [P, ...]
+  owner = got.argmax(axis=0)[None]
+  return np.take_along_axis(cells, owner, axis=0)[0]

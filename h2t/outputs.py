@@ -42,6 +42,12 @@ def summary_lines(results: dict[str, Any]) -> Sequence[str]:
     if r.get("chosen_point"):
       parts.append("chosen " + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in r["chosen_point"].items()))
     lines.append("  ".join(parts))
+  per_process = results.get("cv_heads_per_process", [])
+  if len(per_process) > 1:
+    lines.append(
+      f"  cv: {sum(per_process)} heads (distinct point x fold) split over the processes: "
+      + ", ".join(map(str, per_process))
+    )
   t = results["timings_s"]
   lines.append(
     "  time: "

@@ -14,7 +14,7 @@ import numpy as np
 from absl.testing import absltest
 from PIL import Image
 
-from h2t import multihost
+from h2t import evaluate, multihost
 from h2t.data import base
 from tests import toy
 
@@ -52,7 +52,14 @@ def counted(cmd, reads: str):
 def decoded(reads: str) -> collections.Counter:
   """`(path, size)` -> how many times the process decoded that file at that size."""
   with open(reads) as f:
-    return collections.Counter(map(tuple, json.load(f)))
+    return collections.Counter(map(tuple, json.load(f)["decoded"]))
+
+
+def trained(reads: str, cv: bool = True) -> collections.Counter:
+  """`(point id, fold)` -> how many times the process trained that head: the CV's (folds 0..4) or the fits'."""
+  with open(reads) as f:
+    heads = map(tuple, json.load(f)["trained"])
+    return collections.Counter(h for h in heads if (h[1] < base.NUM_FOLDS) == cv)
 
 
 def start_processes(workdirs, *overrides, cwds=None, n=2, reads=None):
@@ -189,6 +196,27 @@ class TwoProcessRunTest(absltest.TestCase):
       expected = sum(n for _, n in share.positions(1000, 64)) + sum(n for _, n in share.positions(797, 64))
       self.assertLen(files, expected)
 
+  def test_the_cv_heads_are_split_over_the_processes(self):
+    for rc, _, err in self.procs:
+      self.assertEqual(rc, 0, err[-3000:])
+    one, p0, p1 = (trained(r) for r in self.reads)
+    # head2toe's 2 keep fractions and linear's 1 distinct point (it ignores them), 5 folds each.
+    self.assertLen(one, 15)
+    self.assertEqual(set(one.values()), {1})  # one process trains each head once
+    self.assertTrue(p0 and p1)
+    self.assertEqual(set(p0) & set(p1), set())  # no head is trained by both processes
+    self.assertEqual(p0 + p1, one)  # together they train the one-process run's heads
+    # Unit k = (batch, fold) runs on process k % 2: head2toe folds 0, 2, 4 and linear folds 1, 3 on process 0.
+    self.assertEqual((len(p0), len(p1)), (2 * 3 + 2, 2 * 2 + 3))
+    self.assertEqual(toy.results(self.shared)["cv_heads_per_process"], [len(p0), len(p1)])
+    self.assertEqual(toy.results(self.single)["cv_heads_per_process"], [15])
+    self.assertIn("cv: 15 heads (distinct point x fold) split over the processes: 8, 7", self.procs[1][1])
+    # The final fits (one per method, on all images) run on every process.
+    fits = [trained(r, cv=False) for r in self.reads]
+    self.assertLen(fits[0], 2)
+    self.assertEqual(fits[1], fits[0])
+    self.assertEqual(fits[2], fits[0])
+
   def test_process_0_alone_writes(self):
     self.assertFalse(os.path.exists(self.elsewhere))
     self.assertCountEqual(
@@ -322,6 +350,15 @@ class OneProcessTest(absltest.TestCase):
     self.assertEqual(share.positions(10, 4), [(0, 4), (4, 4), (8, 2)])
     self.assertEqual(multihost.sum_counts({"a": 3}), {"a": 3})
     self.assertTrue(multihost.writer_decides(True))
+    cells = np.array([[0.5, 0.25]])
+    np.testing.assert_array_equal(multihost.gather_cells(cells, np.ones((1, 2), bool)), cells)
+    with self.assertRaisesRegex(RuntimeError, "never computed"):
+      multihost.gather_cells(cells, np.array([[True, False]]))
+
+  def test_cv_units_go_round_robin(self):
+    np.testing.assert_array_equal(evaluate.cv_units(2, 1), np.zeros((2, 5), int))
+    np.testing.assert_array_equal(evaluate.cv_units(2, 2), [[0, 1, 0, 1, 0], [1, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(evaluate.cv_units(1, 7), [[0, 1, 2, 3, 4]])  # more processes than units
 
 
 if __name__ == "__main__":
