@@ -10,11 +10,21 @@ What is split and what is not:
   batches before decoding them, so no image is decoded by two processes); the
   pooled training features are gathered once (`extract_task_split`), so every
   process holds the same `[1000, D]` arrays in the split's order.
-* The grid, the selection and the final fit run on every process, on the same
-  data, with the same seeds: every process gets the same heads. The heads are
-  spread over each process's own devices (`HeadSharding` over
-  `jax.local_devices()`), not over all processes' devices (README, "Several
-  hosts", says why).
+* The CV (stage 1, selection and stage 2 of every distinct grid point on
+  every fold) is split: the units are the (batch, fold) pairs of the grid's
+  plan (`grid.plan`: one batch per method and compiled program), and unit k
+  runs on process k % P (`evaluate.cv_units`), which trains all the batch's
+  points on that fold; within a process its heads are spread over its own
+  devices (`HeadSharding` over `jax.local_devices()`). The fold accuracies are
+  then gathered as bytes (`gather_cells`), so every process holds the
+  one-process table bit for bit and makes the same choice. A unit keeps a
+  whole batch's points because the head count of a program changes how XLA's
+  CPU matmuls block their sums (splitting points changed weights in the last
+  bits); a fold is a batch axis with its own key, so fold shares are exact.
+  At most 5 x batches processes have CV work; more sit out the CV.
+* The final fit (each method's chosen point on all 1000 images) runs on every
+  process, on the same data with the same seeds: every process gets the same
+  heads, which each needs for its share of the streamed test.
 * The streamed test is split like extraction (and so is the check of the
   test images before training, `Task.verify`); the correct counts are summed.
 * Process 0 alone touches the workdir: the lock, the feature cache (it reads
