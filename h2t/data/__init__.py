@@ -6,7 +6,7 @@ layout, h2t/data/vtab_folder.py) when `data_dir` holds one for it.
 
 from __future__ import annotations
 
-from h2t.data import base, folder, local, vtab, vtab_folder
+from h2t.data import base, folder, local, shapes, vtab, vtab_folder
 from h2t.data.base import Task, balanced_subset_indices, fold_indices
 
 __all__ = ["Task", "balanced_subset_indices", "check_task_name", "fold_indices", "get_task", "task_names"]
@@ -24,7 +24,7 @@ class TaskNames(tuple):
 
 
 def task_names() -> TaskNames:
-  return TaskNames(local.NAMES + (folder.NAME_PATTERN,) + tuple(vtab.TASKS))
+  return TaskNames(local.NAMES + shapes.NAMES + (folder.NAME_PATTERN,) + tuple(vtab.TASKS))
 
 
 def check_task_name(name: str) -> None:
@@ -43,7 +43,8 @@ def get_task(
   """Returns the named task.
 
   Args:
-    name: an offline task ('digits', 'fashion_mnist'), 'folder:PATH' (a folder
+    name: an offline task ('digits', 'fashion_mnist', the rendered
+      'shapes_count' and 'shapes_location'), 'folder:PATH' (a folder
       of class subfolders of images, see h2t/data/folder.py) or a VTAB-1k task.
     data_dir: TFDS data directory (None: TFDS's default). For a VTAB-1k
       task, when `data_dir/<folder>/` holds the lists of a prepared VTAB-1k
@@ -57,6 +58,8 @@ def get_task(
     return local.load_digits()
   if name == "fashion_mnist":
     return local.load_fashion_mnist(data_dir=data_dir, idx_dir=fashion_mnist_dir)
+  if name in shapes.NAMES:
+    return shapes.load(name)
   if folder.is_folder_name(name):
     return folder.load(name)
   if name in vtab.TASKS:
