@@ -211,6 +211,23 @@ def _errors(config: ml_collections.ConfigDict) -> list[str]:
       f"config.methods includes 'finetune', which fine-tunes one backbone, but config.backbone.name="
       f"{get(config, 'backbone.name')!r} names several: drop 'finetune' or use a single backbone"
     )
+  if "head2toe_plus" in tuple(get(config, "methods", ())):
+    head_type = get(config, "learning.output_head_type", "nohidden")
+    if head_type != "nohidden":
+      out.append(
+        f"config.methods includes 'head2toe_plus', which adds a ridge solution to a linear head, but "
+        f"config.learning.output_head_type={head_type!r}: use 'nohidden' or drop 'head2toe_plus'"
+      )
+    if get(config, "learning.feature_selection.fs_dataset", ""):
+      out.append(
+        "config.methods includes 'head2toe_plus', which selects on the task's own features, but "
+        "config.learning.feature_selection.fs_dataset is set: drop one of them"
+      )
+    if get(config, "learning.feature_selection.type", "") == "none":
+      out.append(
+        "config.methods includes 'head2toe_plus', which selects features, but "
+        "config.learning.feature_selection.type='none': choose a selection type or drop 'head2toe_plus'"
+      )
   return out
 
 

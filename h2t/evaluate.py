@@ -453,6 +453,8 @@ def _record_heads(ctx: Context, chosen, heads: dict[str, Head], test_acc, result
       head_file=f"head_{name}.npz",
       final_train_loss=head.meta.final_train_loss,
     )
+    if "plus" in head.meta.extra:  # a method with its own CV: what it chose, and its CV accuracy
+      r.update(chosen_point=head.meta.extra["plus"], cv_accuracy=head.meta.extra["plus"]["cv_accuracy"])
     if method.fit == "probe":  # steps of both stages (head2toe) / wall time, compile included
       steps = int(cfg.learning.training_steps) * (2 if method.selects else 1)
       r["probe_steps_per_s"] = steps / ctx.timings[f"fit_{name}"]

@@ -40,6 +40,25 @@ def fit_ridge(method: Method, feats, labels, cfg, num_classes: int, meta, select
   return Head(kept, params, cfg.learning.feature_normalization, stats, meta)
 
 
+def fit_plus(method: Method, feats, labels, cfg, num_classes: int, meta, select_from=None):
+  """head2toe_plus: its own CV over selection and a probe + ridge blend (beyond the paper, h2t/plus.py)."""
+  from h2t import plus
+
+  if select_from is not None:
+    raise ValueError(
+      "method head2toe_plus selects on the task's own features; "
+      "learning.feature_selection.fs_dataset is not supported with it (use head2toe)"
+    )
+  return plus.fit(
+    method.features(feats),
+    labels,
+    method.learning(cfg.learning),
+    seed=int(cfg.seed),
+    num_classes=num_classes,
+    meta=meta,
+  )
+
+
 def run_finetune(backbone, task, cfg) -> dict[str, Any]:
   """Full fine-tuning: backbone + head on `pre_logits`, then its own streamed test."""
   import jax
@@ -64,4 +83,4 @@ def run_finetune(backbone, task, cfg) -> dict[str, Any]:
   return {"test_accuracy": acc, "final_train_loss": float(losses[-1]), "trainable_parameters": n_backbone}
 
 
-FITS = {"probe": fit_probe, "ridge": fit_ridge}
+FITS = {"probe": fit_probe, "ridge": fit_ridge, "plus": fit_plus}

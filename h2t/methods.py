@@ -10,6 +10,7 @@ Every method reads the same cached training features and the same 5 folds:
 | linear | each backbone's `pre_logits` | selection off | yes | probe |
 | all_features | every tap | selection off (its L1/L2/group penalties) | yes | probe |
 | ridge | every tap | selection off; its L2 by its own CV | no | closed form |
+| head2toe_plus | every tap | Head2Toe's selection over its own grid, by its own CV | no | probe + ridge blend |
 | finetune | backbone + head on `pre_logits` | fine-tuning multipliers | no (too costly) | end to end |
 """
 
@@ -37,7 +38,7 @@ class Method:
       learning config's `feature_selection.type` is set to 'none'.
     searched: whether the CV grid scores it (otherwise its first grid
       point's config is used as is).
-    fit: 'probe' (`h2t.head2toe.fit`), 'ridge' or 'finetune'.
+    fit: 'probe' (`h2t.head2toe.fit`), 'ridge', 'plus' (`h2t.plus.fit`) or 'finetune'.
   """
 
   name: str
@@ -80,6 +81,7 @@ METHODS: dict[str, Method] = {
     Method("linear", taps="linear", selects=False, searched=True, fit="probe"),
     Method("all_features", taps="all", selects=False, searched=True, fit="probe"),
     Method("ridge", taps="all", selects=False, searched=False, fit="ridge"),
+    Method("head2toe_plus", taps="all", selects=True, searched=False, fit="plus"),
     Method("finetune", taps="linear", selects=False, searched=False, fit="finetune"),
   )
 }

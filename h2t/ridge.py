@@ -33,7 +33,7 @@ DEFAULT_L2_REG = 2.0**10
 L2_REGS = tuple(2.0**k for k in range(-4, 21, 2))
 
 
-class _Solver:
+class Solver:
   """Ridge solutions for any `l2_reg` from one eigendecomposition.
 
   Attributes:
@@ -68,12 +68,12 @@ class _Solver:
       raise ValueError(f"l2_reg={l2_reg}; expected a positive number")
     return (self.left / (self.eigs + l2_reg)) @ self.right
 
-  def params(self, l2_reg: float) -> dict[str, np.ndarray]:
-    """Weights for raw features: `{'w': [d, classes], 'b': [classes]}` float32."""
+  def params(self, l2_reg: float, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Weights for raw features: `{'w': [d, classes], 'b': [classes]}` (float32 by default)."""
     w_aug = self.weights(l2_reg)
     w = w_aug[:-1] / self.std[:, None]
     b = BIAS_CONSTANT * w_aug[-1] - self.mean @ w
-    return {"w": w.astype(np.float32), "b": b.astype(np.float32)}
+    return {"w": w.astype(dtype), "b": b.astype(dtype)}
 
 
 def design_matrix(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -97,7 +97,7 @@ def fit(
   Returns:
     `{'w': [d, classes], 'b': [classes]}` float32, for `h2t.probe.predict`.
   """
-  return _Solver(x, labels, num_classes).params(l2_reg)
+  return Solver(x, labels, num_classes).params(l2_reg)
 
 
 def select_l2_reg(
@@ -137,7 +137,7 @@ def select_l2_reg(
   acc = np.zeros(len(l2_regs))
   for valid in folds:
     train = np.setdiff1d(np.arange(len(labels)), valid)
-    solver = _Solver(x[train], labels[train], num_classes)
+    solver = Solver(x[train], labels[train], num_classes)
     for i, l2 in enumerate(l2_regs):
       params = solver.params(l2)
       pred = (np.asarray(x[valid], np.float64) @ params["w"] + params["b"]).argmax(-1)

@@ -1,0 +1,135 @@
+"""head2toe_plus: Head2Toe's selection, its probe plus a closed-form ridge solution, chosen by CV."""
+
+import os
+
+import numpy as np
+from absl.testing import absltest
+
+import configs.vtab as vtab_config
+from h2t import config as config_lib
+from h2t import head2toe, plus, ridge
+from h2t.head import Head
+from tests import toy
+
+
+def _features(n: int = 200, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Three taps; classes are told apart by a few features of the second tap."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 3, size=n).astype(np.int32)
+  feats = {f"t{i}": rng.normal(size=(n, 40)).astype(np.float32) for i in range(3)}
+  feats["t1"][:, :4] += 2.0 * np.eye(3)[labels] @ rng.normal(size=(3, 4)).astype(np.float32)
+  return feats, labels
+
+
+def _learning(steps: int = 40):
+  learning = vtab_config.get_config().learning
+  learning.training_steps = steps
+  learning.train_batch_size = 32
+  return learning
+
+
+def _logits(head: Head, feats) -> np.ndarray:
+  return np.asarray(head.predict(feats))
+
+
+class PlusTest(absltest.TestCase):
+  def setUp(self):
+    super().setUp()
+    # A small grid keeps the test fast; the module's full grid is what runs.
+    for name, value in (("COEFS", (1e-4,)), ("KEEP_FRACTIONS", (0.05, 0.2))):
+      self.enter_context(absltest.mock.patch.object(plus, name, value))
+
+  def test_blend_is_the_sum_of_the_two_heads(self):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(7, 5))
+    p = {"w": rng.normal(size=(5, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
+    r = {"w": rng.normal(size=(5, 3)), "b": rng.normal(size=3)}
+    for beta in (0.0, 4.0):
+      h = plus.blend(p, r, beta)
+      np.testing.assert_allclose(
+        x @ h["w"] + h["b"], (x @ p["w"] + p["b"]) + beta * (x @ r["w"] + r["b"]), rtol=1e-5, atol=1e-5
+      )
+    np.testing.assert_array_equal(plus.blend(p, r, np.inf)["w"], r["w"].astype(np.float32))
+
+  def test_choose_takes_the_best_and_the_first_on_ties(self):
+    learnings = plus.grid_learnings(_learning())
+    acc = np.zeros((len(learnings), len(ridge.L2_REGS), len(plus.BETAS)))
+    acc[1, 3, 2] = acc[1, 4, 5] = 0.9
+    point, choice = plus.choose(acc, learnings)
+    self.assertEqual(point, 1)
+    self.assertEqual(choice.keep_fraction, 0.2)
+    self.assertEqual(choice.l2_reg, ridge.L2_REGS[3])
+    self.assertEqual(choice.beta, plus.BETAS[2])
+    self.assertEqual(choice.cv_accuracy, 0.9)
+
+  def test_with_beta_zero_it_is_head2toe(self):
+    feats, labels = _features()
+    with absltest.mock.patch.object(plus, "BETAS", (0.0,)):
+      head = plus.fit(feats, labels, _learning(), seed=3, num_classes=3)
+    choice = head.meta.extra["plus"]
+    self.assertEqual(choice["beta"], 0.0)
+    learning = _learning()
+    learning.feature_selection.keep_fraction = choice["keep_fraction"]
+    learning.feature_selection.learning_config_overwrite.group_lrp_regularizer_coef = choice["coef"]
+    reference = head2toe.fit(feats, labels, learning, seed=3, num_classes=3)
+    self.assertEqual(
+      {t: v.tolist() for t, v in head.kept.items()}, {t: v.tolist() for t, v in reference.kept.items()}
+    )
+    np.testing.assert_array_equal(head.params["w"], reference.params["w"])
+    np.testing.assert_array_equal(head.params["b"], reference.params["b"])
+
+  def test_head_adds_ridge_on_the_kept_features(self):
+    feats, labels = _features()
+    head = plus.fit(feats, labels, _learning(), seed=3, num_classes=3)
+    choice = head.meta.extra["plus"]
+    self.assertGreater(choice["cv_accuracy"], 0.8)  # the classes are separable by the planted features
+    learning = _learning()
+    learning.feature_selection.keep_fraction = choice["keep_fraction"]
+    learning.feature_selection.learning_config_overwrite.group_lrp_regularizer_coef = choice["coef"]
+    probe_head = head2toe.fit(feats, labels, learning, seed=3, num_classes=3)
+    # The ridge part, solved here from the kept features as the head reads them.
+    xk = np.asarray(probe_head.transform(feats), np.float64)
+    r = ridge.Solver(xk, labels, 3).params(choice["l2_reg"], dtype=np.float64)
+    beta = np.inf if choice["beta"] == "inf" else choice["beta"]
+    want = (
+      (xk @ r["w"] + r["b"]) if np.isinf(beta) else _logits(probe_head, feats) + beta * (xk @ r["w"] + r["b"])
+    )
+    np.testing.assert_allclose(_logits(head, feats), want, rtol=2e-4, atol=2e-4)
+    self.assertEqual(head.num_features, probe_head.num_features)
+    self.assertGreater((_logits(head, feats).argmax(1) == labels).mean(), 0.9)
+
+  def test_config_errors(self):
+    for overrides, needle in (
+      ({"learning.output_head_type": "linear"}, "output_head_type"),
+      ({"learning.feature_selection.type": "none"}, "selects features"),
+    ):
+      config = vtab_config.get_config()
+      config.methods = ("head2toe_plus",)
+      for path, value in overrides.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for part in parents:
+          node = node[part]
+        node[leaf] = value
+      with self.assertRaisesRegex(config_lib.ConfigError, needle):
+        config_lib.validate(config)
+
+
+class PlusMainTest(toy.TempDirTestCase):
+  def test_main_records_the_choice_and_writes_a_usable_head(self):
+    workdir = self.path("w")
+    proc = toy.run_main(
+      workdir, toy.NO_GRID, "--config.methods=head2toe_plus", fast=toy.fast(steps=10), timeout=900
+    )
+    self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+    r = toy.results(workdir)["methods"]["head2toe_plus"]
+    self.assertIn(r["chosen_point"]["keep_fraction"], plus.KEEP_FRACTIONS)
+    self.assertGreater(r["cv_accuracy"], 0.3)
+    self.assertGreater(r["test_accuracy"], 0.3)
+    head = Head.load(os.path.join(workdir, "head_head2toe_plus.npz"))
+    self.assertEqual(head.num_features, r["num_kept"])
+    self.assertEqual(head.meta.extra["plus"]["beta"], r["chosen_point"]["beta"])
+
+
+if __name__ == "__main__":
+  absltest.main()
