@@ -32,7 +32,7 @@ from h2t import backbones, cache, data, features, files, fitting, grid, head2toe
 from h2t import config as config_lib
 from h2t import methods as methods_lib
 from h2t.data import base
-from h2t.head import Head
+from h2t.head import OWN_CV, Head
 from h2t.methods import is_linear_tap, linear_taps  # noqa: F401 -- re-exported for callers
 from h2t.outputs import summary_lines, write_scalars  # noqa: F401 -- summary_lines: re-exported
 
@@ -453,8 +453,10 @@ def _record_heads(ctx: Context, chosen, heads: dict[str, Head], test_acc, result
       head_file=f"head_{name}.npz",
       final_train_loss=head.meta.final_train_loss,
     )
-    if "plus" in head.meta.extra:  # a method with its own CV: what it chose, and its CV accuracy
-      r.update(chosen_point=head.meta.extra["plus"], cv_accuracy=head.meta.extra["plus"]["cv_accuracy"])
+    if OWN_CV in head.meta.extra:  # a method with its own CV (ridge, head2toe_plus): its choice and accuracy
+      r.update(
+        chosen_point=head.meta.extra[OWN_CV]["chosen"], cv_accuracy=head.meta.extra[OWN_CV]["cv_accuracy"]
+      )
     if method.fit == "probe":  # steps of both stages (head2toe) / wall time, compile included
       steps = int(cfg.learning.training_steps) * (2 if method.selects else 1)
       r["probe_steps_per_s"] = steps / ctx.timings[f"fit_{name}"]

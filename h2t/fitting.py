@@ -27,16 +27,17 @@ def fit_probe(method: Method, feats, labels, cfg, num_classes: int, meta, select
 def fit_ridge(method: Method, feats, labels, cfg, num_classes: int, meta, select_from=None):
   """Ridge regression on all taps (normalised as configured), its L2 picked by its own CV."""
   from h2t import head2toe, normalize, ridge
-  from h2t.head import Head, HeadMeta
+  from h2t.head import OWN_CV, Head, HeadMeta
 
   taps = list(feats)
   train = head2toe.training_subset(np.arange(len(labels)), labels, cfg.learning, num_classes)
   feats, labels = {t: v[train] for t, v in feats.items()}, np.asarray(labels)[train]
   x, stats = normalize.features_matrix(feats, taps, cfg.learning.feature_normalization)
-  l2_reg, _ = ridge.select_l2_reg(x, labels, num_classes=num_classes, seed=int(cfg.seed))
+  l2_reg, acc = ridge.select_l2_reg(x, labels, num_classes=num_classes, seed=int(cfg.seed))
   params = ridge.fit(x, labels, num_classes=num_classes, l2_reg=l2_reg)
   kept = {t: np.arange(feats[t].shape[1], dtype=np.int32) for t in taps}
-  meta = HeadMeta.from_dict(dict(meta, num_classes=num_classes, ridge_l2_reg=l2_reg))
+  own_cv = {"chosen": {"l2_reg": l2_reg}, "cv_accuracy": float(acc[ridge.L2_REGS.index(l2_reg)])}
+  meta = HeadMeta.from_dict(dict(meta, num_classes=num_classes, ridge_l2_reg=l2_reg, **{OWN_CV: own_cv}))
   return Head(kept, params, cfg.learning.feature_normalization, stats, meta)
 
 

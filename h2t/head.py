@@ -30,6 +30,11 @@ class HeadFileError(ValueError):
   """A head file that cannot be read or does not hold a consistent head."""
 
 
+# HeadMeta.extra key of a method that picks its own settings by its own CV (ridge, head2toe_plus):
+# {'chosen': {setting: value}, 'cv_accuracy': float}.
+OWN_CV = "own_cv"
+
+
 @dataclasses.dataclass
 class HeadMeta:
   """What a head records about how it was made (written by `h2t.evaluate`).

@@ -32,6 +32,8 @@ def summary_lines(results: dict[str, Any]) -> Sequence[str]:
     parts = [f"  {method:9s}"]
     if "valid_accuracy" in r:
       parts.append(f"CV accuracy {100 * r['valid_accuracy']:6.2f}%")
+    elif "cv_accuracy" in r:  # its own CV (ridge: random folds; head2toe_plus: the reference's folds)
+      parts.append(f"own CV accuracy {100 * r['cv_accuracy']:6.2f}%")
     if "test_accuracy" in r:
       detail = (
         f"{r['num_kept']} features"

@@ -38,7 +38,7 @@ import numpy as np
 
 from h2t import config as config_lib
 from h2t import head2toe, ridge, stages
-from h2t.head import Head, HeadMeta
+from h2t.head import OWN_CV, Head, HeadMeta
 from h2t.inputs import check_labels, prepare, training_subset
 
 # The selection run's group-lasso coefficients (the default grid's) and the keep fractions.
@@ -60,6 +60,7 @@ class Choice:
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
+    del d["cv_accuracy"]
     d["beta"] = "inf" if np.isinf(self.beta) else self.beta  # strict JSON has no Infinity
     return d
 
@@ -178,7 +179,7 @@ def fit(
     seed: as `head2toe.fit`.
     num_classes: defaults to `max(labels) + 1`.
     meta: stored with the head; the choice and its CV accuracy are added
-      (`extra['plus']`).
+      (`extra['own_cv']`).
   """
   config_lib.check_learning(learning)
   if learning.output_head_type != "nohidden":
@@ -200,7 +201,7 @@ def fit(
     prep, labels, [chosen], [(train, None)], [head2toe.FINAL_FOLD], seed=seed, num_classes=num_classes
   )
   meta = dict(meta.to_dict() if isinstance(meta, HeadMeta) else (meta or {}))
-  meta["plus"] = choice.to_dict()
+  meta[OWN_CV] = {"chosen": choice.to_dict(), "cv_accuracy": choice.cv_accuracy}
   head = head2toe.head_from_run(prep, run, 0, 0, chosen, meta=meta, train_idx=train)
   mask = run.kept_mask[0, 0] > 0
   xk = _kept_features(prep, run.kept_idx[0, 0][mask], chosen, train)[train]

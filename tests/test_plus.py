@@ -66,7 +66,7 @@ class PlusTest(absltest.TestCase):
     feats, labels = _features()
     with absltest.mock.patch.object(plus, "BETAS", (0.0,)):
       head = plus.fit(feats, labels, _learning(), seed=3, num_classes=3)
-    choice = head.meta.extra["plus"]
+    choice = head.meta.extra["own_cv"]["chosen"]
     self.assertEqual(choice["beta"], 0.0)
     learning = _learning()
     learning.feature_selection.keep_fraction = choice["keep_fraction"]
@@ -81,8 +81,10 @@ class PlusTest(absltest.TestCase):
   def test_head_adds_ridge_on_the_kept_features(self):
     feats, labels = _features()
     head = plus.fit(feats, labels, _learning(), seed=3, num_classes=3)
-    choice = head.meta.extra["plus"]
-    self.assertGreater(choice["cv_accuracy"], 0.8)  # the classes are separable by the planted features
+    choice = head.meta.extra["own_cv"]["chosen"]
+    self.assertGreater(
+      head.meta.extra["own_cv"]["cv_accuracy"], 0.8
+    )  # the classes are separable by the planted features
     learning = _learning()
     learning.feature_selection.keep_fraction = choice["keep_fraction"]
     learning.feature_selection.learning_config_overwrite.group_lrp_regularizer_coef = choice["coef"]
@@ -128,7 +130,7 @@ class PlusMainTest(toy.TempDirTestCase):
     self.assertGreater(r["test_accuracy"], 0.3)
     head = Head.load(os.path.join(workdir, "head_head2toe_plus.npz"))
     self.assertEqual(head.num_features, r["num_kept"])
-    self.assertEqual(head.meta.extra["plus"]["beta"], r["chosen_point"]["beta"])
+    self.assertEqual(head.meta.extra["own_cv"]["chosen"]["beta"], r["chosen_point"]["beta"])
 
 
 if __name__ == "__main__":
