@@ -443,9 +443,12 @@ def _record_heads(ctx: Context, chosen, heads: dict[str, Head], test_acc, result
     cfg = ctx.points[chosen[name]][1]
     sizes = {t: int(v.shape[1]) for t, v in method.features(ctx.features(cfg)).items()}
     r = results["methods"].setdefault(name, {})
+    point = ctx.points[chosen[name]][0] if method.searched else {}
+    if not method.selects:  # the selection options do nothing for it (methods.Method.learning)
+      point = {k: v for k, v in point.items() if not k.startswith("learning.feature_selection.")}
     r.update(
       test_accuracy=test_acc[name],
-      chosen_point=ctx.points[chosen[name]][0] if method.searched else {},
+      chosen_point=point,
       num_kept=head.num_features,
       kept_per_tap={
         t: len(head.kept.get(t, ())) for t in (results["tap_sizes"] if method.selects else sizes)

