@@ -3,7 +3,7 @@
 import os
 
 import numpy as np
-from absl.testing import absltest
+from absl.testing import absltest, parameterized
 
 import configs.vtab as vtab_config
 from h2t import config as config_lib
@@ -32,7 +32,7 @@ def _logits(head: Head, feats) -> np.ndarray:
   return np.asarray(head.predict(feats))
 
 
-class PlusTest(absltest.TestCase):
+class PlusTest(parameterized.TestCase):
   def setUp(self):
     super().setUp()
     # A small grid keeps the test fast; the module's full grid is what runs.
@@ -78,14 +78,15 @@ class PlusTest(absltest.TestCase):
     np.testing.assert_array_equal(head.params["w"], reference.params["w"])
     np.testing.assert_array_equal(head.params["b"], reference.params["b"])
 
-  def test_head_adds_ridge_on_the_kept_features(self):
+  @parameterized.parameters("unit_vector", "per_feature")
+  def test_head_adds_ridge_on_the_kept_features(self, normalization):
     feats, labels = _features()
-    head = plus.fit(feats, labels, _learning(), seed=3, num_classes=3)
-    choice = head.meta.extra["own_cv"]["chosen"]
-    self.assertGreater(
-      head.meta.extra["own_cv"]["cv_accuracy"], 0.8
-    )  # the classes are separable by the planted features
     learning = _learning()
+    learning.feature_normalization = normalization
+    head = plus.fit(feats, labels, learning, seed=3, num_classes=3)
+    choice = head.meta.extra["own_cv"]["chosen"]
+    # The classes are separable by the planted features.
+    self.assertGreater(head.meta.extra["own_cv"]["cv_accuracy"], 0.8)
     learning.feature_selection.keep_fraction = choice["keep_fraction"]
     learning.feature_selection.learning_config_overwrite.group_lrp_regularizer_coef = choice["coef"]
     probe_head = head2toe.fit(feats, labels, learning, seed=3, num_classes=3)
