@@ -113,7 +113,7 @@ def render(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], command: str, el
     f"Command: `{command}` ({elapsed:.0f} s for this invocation; finished runs are reused).",
     "",
     "Mean ± std over the seeds "
-    + ", ".join(sorted({str(s) for t in runs.values() for s in t}))
+    + ", ".join(str(s) for s in sorted({s for t in runs.values() for s in t}))
     + ". Time: the method's own CV + final fit (s); extraction and the test pass are shared.",
     "",
     "| task | method | test acc. (%) | CV acc. (%) | kept features | head bytes | time (s) | chosen |",
