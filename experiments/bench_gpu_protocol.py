@@ -51,7 +51,7 @@ import numpy as np
 from absl import app, flags
 from bench_common import Printer, load_config  # noqa: F401 -- experiments/ is on sys.path
 
-from h2t import backbones, evaluate, features, grid, head2toe, platform
+from h2t import backbones, features, grid, head2toe, platform, streaming
 from h2t.data import base
 from h2t.models import common, resnet
 
@@ -298,7 +298,7 @@ def main(argv):
   )
   phase(
     "test",
-    lambda: evaluate.stream_test(backbone, task, {"head2toe": head}, int(config.backbone.batch_size))[
+    lambda: streaming.stream_test(backbone, task, {"head2toe": head}, int(config.backbone.batch_size))[
       "head2toe"
     ],
     lambda a, s: f"{FLAGS.test_size / s:.0f} images/s, accuracy {a:.3f} (chance)",

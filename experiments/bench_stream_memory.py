@@ -1,6 +1,6 @@
 r"""Peak memory of the streamed test at 1,000 vs 10,000 test images.
 
-`h2t.evaluate.stream_test` classifies the test set batch by batch (images ->
+`h2t.streaming.stream_test` classifies the test set batch by batch (images ->
 taps -> pooled kept features -> logits), so its memory should not grow with
 the number of test images. This trains one Head2Toe head on Fashion-MNIST's
 1000 training images (EfficientNet-Lite0), saves it, and then, for each test
@@ -47,7 +47,7 @@ import numpy as np
 from absl import app, flags
 from bench_common import Printer, load_config  # noqa: F401 -- experiments/ is on sys.path
 
-from h2t import backbones, data, evaluate, features, head2toe
+from h2t import backbones, data, features, head2toe, streaming
 from h2t.data import base
 
 FLAGS = flags.FLAGS
@@ -98,7 +98,7 @@ def child(head_path: str, size: int) -> dict[str, float]:
   images, labels = images[:size], labels[:size]
   config = _stream_config()
   warm = base.array_task("warmup", 10, {"test": (images[: FLAGS.batch_size], labels[: FLAGS.batch_size])})
-  evaluate.stream_test(backbone, warm, {"head2toe": head}, int(config.backbone.batch_size))
+  streaming.stream_test(backbone, warm, {"head2toe": head}, int(config.backbone.batch_size))
   task = base.array_task(f"{TASK}_test{size}", 10, {"test": (images, labels)})
   rss_between_batches: list[int] = []
   task = _sampling(task, rss_between_batches)
@@ -108,7 +108,7 @@ def child(head_path: str, size: int) -> dict[str, float]:
   rss_before = _status_kib("VmRSS")
   tracemalloc.start()
   start = time.perf_counter()
-  accuracy = evaluate.stream_test(backbone, task, {"head2toe": head}, int(config.backbone.batch_size))[
+  accuracy = streaming.stream_test(backbone, task, {"head2toe": head}, int(config.backbone.batch_size))[
     "head2toe"
   ]
   seconds = time.perf_counter() - start

@@ -107,7 +107,7 @@ def train_features(
     logging.info("read training features from %s", path)
     feats, labels = multihost.from_writer(*(cached or (None, None)))
     return feats, labels, True
-  feats, labels = multihost.extract_task_split(
+  feats, labels = extract_split(
     backbone,
     task,
     TRAIN_SPLIT,
@@ -131,3 +131,41 @@ def _makedirs(path: str) -> bool:
     logging.warning("could not create the feature cache folder %s (%s); going on without it", path, e)
     return False
   return True
+
+
+def extract_split(backbone, task, split: str, **kwargs) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """`features.extract_task_split`, with the images split over the processes and the features gathered."""
+  from h2t import features
+
+  if multihost.count() == 1:
+    return features.extract_task_split(backbone, task, split, **kwargs)
+  from h2t import platform
+
+  batch_size = platform.resolve_batch_size(int(kwargs.pop("batch_size")))
+  mine = multihost.share()
+  positions = mine.positions(task.size(split), batch_size)
+  parts = list(
+    features.extract_batches(
+      backbone,
+      task.batches(split, batch_size, image_size=backbone.input_size, share=mine),
+      total=sum(rows for _, rows in positions),
+      batch_size=batch_size,
+      **kwargs,
+    )
+  )
+  if not parts:
+    raise ValueError(
+      f"split {split!r} of task {task.name!r} has fewer batches of {batch_size} than the {multihost.count()} "
+      "processes; lower config.backbone.batch_size"
+    )
+  taps = list(kwargs["taps"])  # network order (the jitted extractor's dicts come back sorted)
+  feats = {k: np.concatenate([p[0][k] for p in parts]) for k in taps}
+  labels = np.concatenate([p[1] for p in parts])
+  logging.info(
+    "process %d read and extracted %d of %d images of %s",
+    multihost.index(),
+    len(labels),
+    task.size(split),
+    split,
+  )
+  return multihost.gather_rows(feats, labels, positions, task.size(split))

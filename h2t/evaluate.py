@@ -32,9 +32,10 @@ from h2t import backbones, cache, data, features, files, fitting, grid, head2toe
 from h2t import config as config_lib
 from h2t import methods as methods_lib
 from h2t.data import base
-from h2t.head import OWN_CV, Head
+from h2t.head import Head
 from h2t.methods import is_linear_tap, linear_taps  # noqa: F401 -- re-exported for callers
 from h2t.outputs import summary_lines, write_scalars  # noqa: F401 -- summary_lines: re-exported
+from h2t.streaming import stream_test
 
 RESULTS = "results.json"
 
@@ -216,7 +217,7 @@ def cross_validate(ctx: Context, results: dict[str, Any]) -> dict[str, int]:
   batches = grid.plan(ctx.points, searched, config_lib.FEATURE_FIELDS)
   for line in grid.describe(batches, ctx.points):
     logging.info("plan: %s", line)
-  owners = cv_units(len(batches), multihost.count())
+  owners = grid.cv_units(len(batches), multihost.count())
   me = multihost.index()
   acc = {m.name: np.zeros((len(ctx.points), base.NUM_FOLDS)) for m in searched}
   done = {m.name: np.zeros((len(ctx.points), base.NUM_FOLDS), bool) for m in searched}
@@ -274,19 +275,6 @@ def cross_validate(ctx: Context, results: dict[str, Any]) -> dict[str, int]:
   return chosen
 
 
-def cv_units(num_batches: int, num_processes: int) -> np.ndarray:
-  """`[num_batches, NUM_FOLDS]`: the process that runs each (batch, fold) of the CV (round robin).
-
-  A unit is one fold of one `grid.plan` batch, with all the batch's points:
-  each compiled program keeps the head axis of a one-process run, so its
-  arithmetic, hence every fold accuracy, is the same bit for bit (splitting
-  a batch's points instead changes the head count, and with it how XLA's CPU
-  matmuls block their sums: the weights then differ in the last bits).
-  """
-  k = np.arange(num_batches * base.NUM_FOLDS).reshape(num_batches, base.NUM_FOLDS)
-  return k % num_processes
-
-
 def fit_chosen(ctx: Context, chosen: dict[str, int], results: dict[str, Any]) -> dict[str, Head]:
   """Phase 4: each method's chosen point trained on all 1000 training images (heads kept in memory)."""
   heads = {}
@@ -315,55 +303,6 @@ def fit_chosen(ctx: Context, chosen: dict[str, int], results: dict[str, Any]) ->
         method, ctx.features(cfg), ctx.labels, cfg, ctx.task.num_classes, meta, ctx.source(cfg)
       )
   return heads
-
-
-def stream_test(networks, task, heads: dict[str, Head], batch_size: int) -> dict[str, float]:
-  """Phase 5: test accuracy of each head, batch by batch: images -> taps -> kept features -> logits.
-
-  `networks`: the backbone, or several (a grid over backbone settings); each
-  head is run on the one named by its meta.
-
-  Heads are grouped by network and pooling settings (`head.meta`); each group
-  reads the test set once, pools only the taps its heads kept, and no batch
-  outlives its step, so memory does not grow with the test set. With several
-  processes each reads and runs only its share of the batches
-  (`multihost.share`) and the correct counts are summed over the processes.
-  """
-  groups: dict[tuple, dict[str, Head]] = {}
-  for name, head in heads.items():
-    m = head.meta
-    network = (m.backbone, m.checkpoint_id, m.input_size, m.dtype)
-    settings = (network, m.target_size, m.pool_size, m.cls_token_pool)
-    if all(is_linear_tap(t) for t in head.kept):  # 2-D taps: pooling settings do not matter
-      settings = next((g for g in groups if g[0] == network), settings)
-    groups.setdefault(settings, {})[name] = head
-  networks = [networks] if isinstance(networks, backbones.Backbone) else list(networks)
-  by_identity = {(b.name, b.checkpoint_id, b.input_size): b for b in networks}
-  correct, n = dict.fromkeys(heads, 0), 0
-  batch_size = platform.resolve_batch_size(batch_size)
-  mine = multihost.share()
-  own_images = sum(rows for _, rows in mine.positions(task.size("test"), batch_size))
-  for ((*identity, dtype), target_size, pool_size, cls_pool), members in groups.items():
-    backbone = by_identity[tuple(identity)]
-    taps = list(dict.fromkeys(t for h in members.values() for t in h.kept))
-    n = 0
-    for feats, labels in features.extract_batches(
-      backbone,
-      task.batches("test", batch_size, image_size=backbone.input_size, share=mine),
-      taps=taps,
-      target_size=target_size,
-      batch_size=batch_size,
-      cls_token_pool=cls_pool,
-      pool_size=pool_size,
-      total=own_images,
-      dtype=dtype,
-    ):
-      for name, head in members.items():
-        correct[name] += int((head.predict(feats).argmax(-1) == labels).sum())
-      n += len(labels)
-  counted = multihost.sum_counts({**correct, "__images__": n})
-  n = counted.pop("__images__")
-  return {name: c / n for name, c in counted.items()}
 
 
 def _header(ctx: Context) -> dict[str, Any]:
@@ -425,7 +364,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
       with ctx.timed("test"):
         test_acc = stream_test(ctx.backbones.values(), ctx.task, heads, int(config.backbone.batch_size))
       results["test_images_per_s"] = ctx.task.size("test") / ctx.timings["test"]
-      _record_heads(ctx, chosen, heads, test_acc, results)
+      outputs.record_heads(ctx, chosen, heads, test_acc, results)
     results["timings_s"] = ctx.timings
     results["peak_rss_mib"] = outputs.peak_rss_mib()
     results["devices"] = [str(d) for d in jax.devices()]
@@ -435,35 +374,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
   if writes and writer is not None:
     write_scalars(writer, results)
   return results
-
-
-def _record_heads(ctx: Context, chosen, heads: dict[str, Head], test_acc, results) -> None:
-  for name, head in heads.items():
-    method = methods_lib.METHODS[name]
-    cfg = ctx.points[chosen[name]][1]
-    sizes = {t: int(v.shape[1]) for t, v in method.features(ctx.features(cfg)).items()}
-    r = results["methods"].setdefault(name, {})
-    point = ctx.points[chosen[name]][0] if method.searched else {}
-    if not method.selects:  # the selection options do nothing for it (methods.Method.learning)
-      point = {k: v for k, v in point.items() if not k.startswith("learning.feature_selection.")}
-    r.update(
-      test_accuracy=test_acc[name],
-      chosen_point=point,
-      num_kept=head.num_features,
-      kept_per_tap={
-        t: len(head.kept.get(t, ())) for t in (results["tap_sizes"] if method.selects else sizes)
-      },
-      head_file=f"head_{name}.npz",
-      final_train_loss=head.meta.final_train_loss,
-    )
-    if OWN_CV in head.meta.extra:  # a method with its own CV (ridge, head2toe_plus): its choice and accuracy
-      r.update(
-        chosen_point=head.meta.extra[OWN_CV]["chosen"], cv_accuracy=head.meta.extra[OWN_CV]["cv_accuracy"]
-      )
-    if method.fit == "probe":  # steps of both stages (head2toe) / wall time, compile included
-      steps = int(cfg.learning.training_steps) * (2 if method.selects else 1)
-      r["probe_steps_per_s"] = steps / ctx.timings[f"fit_{name}"]
-    logging.info("%s: test accuracy %.4f with %d features", name, test_acc[name], head.num_features)
 
 
 def commit(workdir: str, heads: dict[str, Head], results: dict[str, Any]) -> None:

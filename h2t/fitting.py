@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -10,17 +11,25 @@ from h2t.methods import METHODS, Method
 
 
 def fit_probe(method: Method, feats, labels, cfg, num_classes: int, meta, select_from=None):
-  """head2toe / linear / all_features on all training images."""
-  from h2t import head2toe
+  """head2toe / linear / all_features (`head2toe.fit`), and head2toe_plus (`plus.fit`, beyond the paper)."""
+  from h2t import head2toe, plus
 
-  return head2toe.fit(
+  if method.fit == "plus":
+    if select_from is not None:
+      raise ValueError(
+        "method head2toe_plus selects on the task's own features; "
+        "learning.feature_selection.fs_dataset is not supported with it (use head2toe)"
+      )
+    fit = plus.fit
+  else:
+    fit = functools.partial(head2toe.fit, select_from=select_from if method.selects else None)
+  return fit(
     method.features(feats),
     labels,
     method.learning(cfg.learning),
     seed=int(cfg.seed),
     num_classes=num_classes,
     meta=meta,
-    select_from=select_from if method.selects else None,
   )
 
 
@@ -39,25 +48,6 @@ def fit_ridge(method: Method, feats, labels, cfg, num_classes: int, meta, select
   own_cv = {"chosen": {"l2_reg": l2_reg}, "cv_accuracy": float(acc[ridge.L2_REGS.index(l2_reg)])}
   meta = HeadMeta.from_dict(dict(meta, num_classes=num_classes, ridge_l2_reg=l2_reg, **{OWN_CV: own_cv}))
   return Head(kept, params, cfg.learning.feature_normalization, stats, meta)
-
-
-def fit_plus(method: Method, feats, labels, cfg, num_classes: int, meta, select_from=None):
-  """head2toe_plus: its own CV over selection and a probe + ridge blend (beyond the paper, h2t/plus.py)."""
-  from h2t import plus
-
-  if select_from is not None:
-    raise ValueError(
-      "method head2toe_plus selects on the task's own features; "
-      "learning.feature_selection.fs_dataset is not supported with it (use head2toe)"
-    )
-  return plus.fit(
-    method.features(feats),
-    labels,
-    method.learning(cfg.learning),
-    seed=int(cfg.seed),
-    num_classes=num_classes,
-    meta=meta,
-  )
 
 
 def run_finetune(backbone, task, cfg) -> dict[str, Any]:
@@ -84,4 +74,4 @@ def run_finetune(backbone, task, cfg) -> dict[str, Any]:
   return {"test_accuracy": acc, "final_train_loss": float(losses[-1]), "trainable_parameters": n_backbone}
 
 
-FITS = {"probe": fit_probe, "ridge": fit_ridge, "plus": fit_plus}
+FITS = {"probe": fit_probe, "ridge": fit_ridge, "plus": fit_probe}

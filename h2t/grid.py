@@ -29,6 +29,7 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 SWEEPABLE_PREFIXES = ("learning.", "backbone.")
 
@@ -222,3 +223,18 @@ def describe(batches: Sequence[Batch], grid_points) -> list[str]:
       f"(first {first or 'the config itself'})" + (f", selecting on {b.source}" if b.source else "")
     )
   return lines
+
+
+def cv_units(num_batches: int, num_processes: int) -> np.ndarray:
+  """`[num_batches, NUM_FOLDS]`: the process that runs each (batch, fold) of the CV (round robin).
+
+  A unit is one fold of one `grid.plan` batch, with all the batch's points:
+  each compiled program keeps the head axis of a one-process run, so its
+  arithmetic, hence every fold accuracy, is the same bit for bit (splitting
+  a batch's points instead changes the head count, and with it how XLA's CPU
+  matmuls block their sums: the weights then differ in the last bits).
+  """
+  from h2t.data.base import NUM_FOLDS
+
+  k = np.arange(num_batches * NUM_FOLDS).reshape(num_batches, NUM_FOLDS)
+  return k % num_processes

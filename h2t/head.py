@@ -323,3 +323,39 @@ def predict_images(head: Head, images, backbone=None, *, batch_size: int = BATCH
   probs = np.exp(logits)
   probs /= probs.sum(axis=1, keepdims=True)
   return logits.argmax(axis=1).astype(np.int32), probs.astype(np.float32)
+
+
+def from_grid_run(
+  prep,
+  run,
+  fold: int,
+  point: int,
+  learning,
+  *,
+  meta: Mapping[str, Any] | None = None,
+  train_idx: np.ndarray | None = None,
+) -> Head:
+  """The `Head` of one (fold, point) of `h2t.head2toe.run_grid`'s `GridRun` fitted on all training data.
+
+  `prep`: the run's `h2t.inputs.Prepared` features.
+
+  `train_idx`: the examples the run trained on (default all), for the
+  'per_feature' statistics.
+  """
+  from h2t import selection
+
+  mask = run.kept_mask[fold, point] > 0
+  global_idx = run.kept_idx[fold, point][mask]
+  kept = {t: v for t, v in selection.indices_per_tap(global_idx, prep.taps, prep.sizes).items() if len(v)}
+  first = probe.first_kernel_name(run.params)
+  params = {k: v[fold, point][mask] if k == first else v[fold, point] for k, v in run.params.items()}
+  stats = None
+  if learning.feature_normalization == "per_feature":
+    x = np.asarray(prep.x)[:, global_idx]
+    if train_idx is not None:
+      x = x[np.asarray(train_idx)]
+    stats = {"mean": x.mean(axis=0), "var": x.var(axis=0)}
+  meta = HeadMeta.from_dict(meta.to_dict() if isinstance(meta, HeadMeta) else meta)
+  meta.num_classes = int(params["b"].shape[0])
+  meta.final_train_loss = float(run.losses[fold, point, -1])
+  return Head(kept, params, learning.feature_normalization, stats, meta)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -28,8 +28,9 @@ import ml_collections
 import numpy as np
 
 from h2t import config as config_lib
-from h2t import grid, probe, selection, stages
-from h2t.head import Head, HeadMeta
+from h2t import grid, inputs, probe, selection, stages
+from h2t import head as head_lib
+from h2t.head import Head
 from h2t.inputs import Prepared, SelectionSource, check_labels, prepare, training_subset
 from h2t.sharding import HeadSharding
 
@@ -276,10 +277,44 @@ def cross_validate(
   Points are grouped by `grid.program_key`; each group is one `run_grid` call
   (with `data_fraction`, folds whose subsets differ in size run apart).
   `select_from` (`fs_dataset`) selects on another task's same folds.
-  `folds`: run only these folds (a process's share, `h2t.evaluate.cv_units`);
+  `folds`: run only these folds (a process's share, `h2t.grid.cv_units`);
   the others' columns are NaN. A fold's accuracies do not depend on which
   other folds run with it (each fold has its own key, and the folds are a
   batch axis of the programs).
+  """
+  acc = np.full((len(learnings), num_folds), np.nan)
+  for members, fold_ids, _, run in fold_runs(
+    prep,
+    labels,
+    learnings,
+    seed=seed,
+    num_classes=num_classes,
+    num_folds=num_folds,
+    select_from=select_from,
+    folds=folds,
+  ):
+    acc[np.ix_(members, fold_ids)] = run.accuracy.T
+  return acc
+
+
+def fold_runs(
+  prep: Prepared,
+  labels: np.ndarray,
+  learnings: Sequence[ml_collections.ConfigDict],
+  *,
+  seed: int,
+  num_classes: int,
+  num_folds: int = 5,
+  select_from: SelectionSource | None = None,
+  folds: Sequence[int] | None = None,
+) -> Iterator[tuple[list[int], list[int], list[tuple[np.ndarray, np.ndarray]], GridRun]]:
+  """`run_grid` over the reference's folds in as few calls as the programs allow (see `cross_validate`).
+
+  Yields:
+    `(members, fold_ids, splits, run)`: the grid points (indices into
+    `learnings`) and folds of one call, each fold's `(train_idx, valid_idx)`
+    (`data_fraction` applied to train_idx), and the call's `GridRun`
+    (`[F, P]` in the order of `fold_ids` and `members`).
   """
   from h2t.data import base as data_base
 
@@ -290,7 +325,6 @@ def cross_validate(
   s_train = None
   if select_from is not None:
     s_train = [data_base.fold_indices(f, len(select_from.labels), num_folds)[0] for f in range(num_folds)]
-  acc = np.full((len(learnings), num_folds), np.nan)
   for members in grid.group_by(learnings, grid.program_key).values():
     subsets = [(training_subset(tr, labels, learnings[members[0]], num_classes), ev) for tr, ev in splits]
     by_size: dict[int, list[int]] = {}
@@ -308,8 +342,7 @@ def cross_validate(
         select_from=select_from,
         select_train_idx=None if s_train is None else np.stack([s_train[f] for f in fold_ids]),
       )
-      acc[np.ix_(members, fold_ids)] = run.accuracy.T
-  return acc
+      yield list(members), fold_ids, [subsets[f] for f in fold_ids], run
 
 
 def fit(
@@ -337,14 +370,7 @@ def fit(
   Returns:
     The trained `Head`.
   """
-  config_lib.check_learning(learning)
-  labels = check_labels(labels, num_classes)
-  num_classes = int(num_classes or labels.max() + 1)
-  prep = prepare(features)
-  if prep.x.shape[0] != len(labels):
-    raise ValueError(
-      f"{prep.x.shape[0]} examples of features but {len(labels)} labels; expected one label each"
-    )
+  prep, labels, num_classes = inputs.fit_inputs(features, labels, learning, num_classes)
   train = training_subset(np.arange(len(labels)), labels, learning, num_classes)
   run = run_grid(
     prep,
@@ -357,36 +383,4 @@ def fit(
     select_from=select_from,
     select_train_idx=None if select_from is None else np.arange(len(select_from.labels))[None],
   )
-  return head_from_run(prep, run, 0, 0, learning, meta=meta, train_idx=train)
-
-
-def head_from_run(
-  prep: Prepared,
-  run: GridRun,
-  fold: int,
-  point: int,
-  learning: ml_collections.ConfigDict,
-  *,
-  meta: Mapping[str, Any] | None = None,
-  train_idx: np.ndarray | None = None,
-) -> Head:
-  """The `Head` of one (fold, point) of a `run_grid` fitted on all training data.
-
-  `train_idx`: the examples the run trained on (default all), for the
-  'per_feature' statistics.
-  """
-  mask = run.kept_mask[fold, point] > 0
-  global_idx = run.kept_idx[fold, point][mask]
-  kept = {t: v for t, v in selection.indices_per_tap(global_idx, prep.taps, prep.sizes).items() if len(v)}
-  first = probe.first_kernel_name(run.params)
-  params = {k: v[fold, point][mask] if k == first else v[fold, point] for k, v in run.params.items()}
-  stats = None
-  if learning.feature_normalization == "per_feature":
-    x = np.asarray(prep.x)[:, global_idx]
-    if train_idx is not None:
-      x = x[np.asarray(train_idx)]
-    stats = {"mean": x.mean(axis=0), "var": x.var(axis=0)}
-  meta = HeadMeta.from_dict(meta.to_dict() if isinstance(meta, HeadMeta) else meta)
-  meta.num_classes = int(params["b"].shape[0])
-  meta.final_train_loss = float(run.losses[fold, point, -1])
-  return Head(kept, params, learning.feature_normalization, stats, meta)
+  return head_lib.from_grid_run(prep, run, 0, 0, learning, meta=meta, train_idx=train)

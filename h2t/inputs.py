@@ -136,3 +136,20 @@ def training_subset(
   fraction = float(learning.get("data_fraction", 1.0))
   train_idx = np.asarray(train_idx)
   return train_idx[data_base.balanced_subset_indices(np.asarray(labels)[train_idx], num_classes, fraction)]
+
+
+def fit_inputs(
+  features: Mapping[str, np.ndarray], labels, learning: ml_collections.ConfigDict, num_classes: int | None
+) -> tuple[Prepared, np.ndarray, int]:
+  """A fit's checked inputs: `(Prepared features, labels [n] int32, num_classes)`."""
+  from h2t import config as config_lib
+
+  config_lib.check_learning(learning)
+  labels = check_labels(labels, num_classes)
+  num_classes = int(num_classes or labels.max() + 1)
+  prep = prepare(features)
+  if prep.x.shape[0] != len(labels):
+    raise ValueError(
+      f"{prep.x.shape[0]} examples of features but {len(labels)} labels; expected one label each"
+    )
+  return prep, labels, num_classes

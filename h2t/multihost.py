@@ -8,12 +8,12 @@ What is split and what is not:
 * Extraction: process p reads (decodes) and runs the backbone on batches i
   of a split with i % P == p (`share`; the task's reader skips the others'
   batches before decoding them, so no image is decoded by two processes); the
-  pooled training features are gathered once (`extract_task_split`), so every
+  pooled training features are gathered once (`cache.extract_split`), so every
   process holds the same `[1000, D]` arrays in the split's order.
 * The CV (stage 1, selection and stage 2 of every distinct grid point on
   every fold) is split: the units are the (batch, fold) pairs of the grid's
   plan (`grid.plan`: one batch per method and compiled program), and unit k
-  runs on process k % P (`evaluate.cv_units`), which trains all the batch's
+  runs on process k % P (`grid.cv_units`), which trains all the batch's
   points on that fold; within a process its heads are spread over its own
   devices (`HeadSharding` over `jax.local_devices()`). The fold accuracies are
   then gathered as bytes (`gather_cells`), so every process holds the
@@ -316,40 +316,6 @@ def gather_rows(
 
   # Tap order is `feats`' (network order); the gathered pytree's dict comes back sorted.
   return {k: ordered(every["feats"][k]) for k in feats}, ordered(every["labels"])
-
-
-def extract_task_split(backbone, task, split: str, **kwargs) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  """`features.extract_task_split`, with the images split over the processes and the features gathered."""
-  from h2t import features
-
-  if count() == 1:
-    return features.extract_task_split(backbone, task, split, **kwargs)
-  from h2t import platform
-
-  batch_size = platform.resolve_batch_size(int(kwargs.pop("batch_size")))
-  mine = share()
-  positions = mine.positions(task.size(split), batch_size)
-  parts = list(
-    features.extract_batches(
-      backbone,
-      task.batches(split, batch_size, image_size=backbone.input_size, share=mine),
-      total=sum(rows for _, rows in positions),
-      batch_size=batch_size,
-      **kwargs,
-    )
-  )
-  if not parts:
-    raise ValueError(
-      f"split {split!r} of task {task.name!r} has fewer batches of {batch_size} than the {count()} "
-      "processes; lower config.backbone.batch_size"
-    )
-  taps = list(kwargs["taps"])  # network order (the jitted extractor's dicts come back sorted)
-  feats = {k: np.concatenate([p[0][k] for p in parts]) for k in taps}
-  labels = np.concatenate([p[1] for p in parts])
-  logging.info(
-    "process %d read and extracted %d of %d images of %s", index(), len(labels), task.size(split), split
-  )
-  return gather_rows(feats, labels, positions, task.size(split))
 
 
 def writer_decides(value: bool) -> bool:

@@ -62,3 +62,39 @@ def summary_lines(results: dict[str, Any]) -> Sequence[str]:
 def peak_rss_mib() -> float:
   """The process's peak resident memory so far, MiB."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def record_heads(ctx, chosen, heads: dict, test_acc, results) -> None:
+  """Each method's entry of results.json: test accuracy, chosen point, kept features, head file (`ctx`: the
+  run's `h2t.evaluate.Context`)."""
+  from absl import logging
+
+  from h2t import methods as methods_lib
+  from h2t.head import OWN_CV
+
+  for name, head in heads.items():
+    method = methods_lib.METHODS[name]
+    cfg = ctx.points[chosen[name]][1]
+    sizes = {t: int(v.shape[1]) for t, v in method.features(ctx.features(cfg)).items()}
+    r = results["methods"].setdefault(name, {})
+    point = ctx.points[chosen[name]][0] if method.searched else {}
+    if not method.selects:  # the selection options do nothing for it (methods.Method.learning)
+      point = {k: v for k, v in point.items() if not k.startswith("learning.feature_selection.")}
+    r.update(
+      test_accuracy=test_acc[name],
+      chosen_point=point,
+      num_kept=head.num_features,
+      kept_per_tap={
+        t: len(head.kept.get(t, ())) for t in (results["tap_sizes"] if method.selects else sizes)
+      },
+      head_file=f"head_{name}.npz",
+      final_train_loss=head.meta.final_train_loss,
+    )
+    if OWN_CV in head.meta.extra:  # a method with its own CV (ridge, head2toe_plus): its choice and accuracy
+      r.update(
+        chosen_point=head.meta.extra[OWN_CV]["chosen"], cv_accuracy=head.meta.extra[OWN_CV]["cv_accuracy"]
+      )
+    if method.fit == "probe":  # steps of both stages (head2toe) / wall time, compile included
+      steps = int(cfg.learning.training_steps) * (2 if method.selects else 1)
+      r["probe_steps_per_s"] = steps / ctx.timings[f"fit_{name}"]
+    logging.info("%s: test accuracy %.4f with %d features", name, test_acc[name], head.num_features)

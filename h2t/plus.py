@@ -36,10 +36,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from h2t import config as config_lib
-from h2t import head2toe, ridge, stages
+from h2t import head2toe, inputs, ridge, stages
 from h2t.head import OWN_CV, Head, HeadMeta
-from h2t.inputs import check_labels, prepare, training_subset
+from h2t.inputs import training_subset
 
 # The selection run's group-lasso coefficients (the default grid's) and the keep fractions: at most
 # 0.15, so that the head (weights and kept indices) stays under a fifth of ridge-on-all's bytes.
@@ -118,34 +117,24 @@ def blend(probe_params: Mapping[str, np.ndarray], ridge_params: Mapping[str, np.
 
 def cross_validate(
   prep, labels: np.ndarray, learnings: Sequence[ml_collections.ConfigDict], *, seed: int, num_classes: int
-) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-  """Mean validation accuracy `[P, len(L2_REGS), len(BETAS)]` over the reference's 5 folds.
-
-  Also returns the folds `(train_idx, valid_idx)` it used.
-  """
+) -> np.ndarray:
+  """Mean validation accuracy `[P, len(L2_REGS), len(BETAS)]` over the reference's 5 folds."""
   from h2t.data import base as data_base
 
-  folds = [data_base.fold_indices(f, len(labels)) for f in range(data_base.NUM_FOLDS)]
-  folds = [(training_subset(tr, labels, learnings[0], num_classes), va) for tr, va in folds]
   acc = np.zeros((len(learnings), len(ridge.L2_REGS), len(BETAS)))
-  by_size: dict[int, list[int]] = {}
-  for f, (tr, _) in enumerate(folds):
-    by_size.setdefault(len(tr), []).append(f)
-  for fold_ids in by_size.values():
-    run = head2toe.run_grid(
-      prep, labels, learnings, [folds[f] for f in fold_ids], fold_ids, seed=seed, num_classes=num_classes
-    )
-    for i, f in enumerate(fold_ids):
-      tr, va = folds[f]
-      for p, learning in enumerate(learnings):
-        mask = run.kept_mask[i, p] > 0
-        xk = _kept_features(prep, run.kept_idx[i, p][mask], learning, tr)
-        z_probe = xk[va] @ run.params["w"][i, p][mask] + run.params["b"][i, p]
+  for members, _, splits, run in head2toe.fold_runs(
+    prep, labels, learnings, seed=seed, num_classes=num_classes
+  ):
+    for i, (tr, va) in enumerate(splits):
+      for j, p in enumerate(members):
+        mask = run.kept_mask[i, j] > 0
+        xk = _kept_features(prep, run.kept_idx[i, j][mask], learnings[p], tr)
+        z_probe = xk[va] @ run.params["w"][i, j][mask] + run.params["b"][i, j]
         solver = ridge.Solver(xk[tr], labels[tr], num_classes)
-        for j, l2 in enumerate(ridge.L2_REGS):
+        for k, l2 in enumerate(ridge.L2_REGS):
           r = solver.params(l2, dtype=np.float64)
-          acc[p, j] += _blend_accuracy(z_probe, xk[va] @ r["w"] + r["b"], labels[va]) / len(folds)
-  return acc, folds
+          acc[p, k] += _blend_accuracy(z_probe, xk[va] @ r["w"] + r["b"], labels[va])
+  return acc / data_base.NUM_FOLDS
 
 
 def choose(acc: np.ndarray, learnings: Sequence[ml_collections.ConfigDict]) -> tuple[int, Choice]:
@@ -183,7 +172,7 @@ def fit(
     meta: stored with the head; the choice and its CV accuracy are added
       (`extra['own_cv']`).
   """
-  config_lib.check_learning(learning)
+  prep, labels, num_classes = inputs.fit_inputs(features, labels, learning, num_classes)
   if learning.output_head_type != "nohidden":
     raise ValueError(
       f"head2toe_plus adds a ridge solution to a linear head; learning.output_head_type="
@@ -191,21 +180,15 @@ def fit(
     )
   if learning.feature_selection.type == "none":
     raise ValueError("head2toe_plus selects features: learning.feature_selection.type must not be 'none'")
-  labels = check_labels(labels, num_classes)
-  num_classes = int(num_classes or labels.max() + 1)
-  prep = prepare(features)
   learnings = grid_learnings(learning)
-  acc, _ = cross_validate(prep, labels, learnings, seed=seed, num_classes=num_classes)
-  point, choice = choose(acc, learnings)
-  chosen = learnings[point]
-  train = training_subset(np.arange(len(labels)), labels, chosen, num_classes)
-  run = head2toe.run_grid(
-    prep, labels, [chosen], [(train, None)], [head2toe.FINAL_FOLD], seed=seed, num_classes=num_classes
+  point, choice = choose(
+    cross_validate(prep, labels, learnings, seed=seed, num_classes=num_classes), learnings
   )
   meta = dict(meta.to_dict() if isinstance(meta, HeadMeta) else (meta or {}))
   meta[OWN_CV] = {"chosen": choice.to_dict(), "cv_accuracy": choice.cv_accuracy}
-  head = head2toe.head_from_run(prep, run, 0, 0, chosen, meta=meta, train_idx=train)
-  mask = run.kept_mask[0, 0] > 0
-  xk = _kept_features(prep, run.kept_idx[0, 0][mask], chosen, train)[train]
+  head = head2toe.fit(features, labels, learnings[point], seed=seed, num_classes=num_classes, meta=meta)
+  # The ridge part on the kept features as the head reads them, on the examples it trained on.
+  train = training_subset(np.arange(len(labels)), labels, learnings[point], num_classes)
+  xk = np.asarray(head.transform(features), np.float64)[train]
   r = ridge.Solver(xk, labels[train], num_classes).params(choice.l2_reg, dtype=np.float64)
   return dataclasses.replace(head, params=blend(head.params, r, choice.beta))

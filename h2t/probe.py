@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from h2t.penalties import group_lasso, group_norms, penalty  # noqa: F401 -- part of the probe's API
@@ -371,11 +370,6 @@ def train(
 def predict(params: Params, x: jax.Array) -> jax.Array:
   """Logits `[n, classes]` of a trained head."""
   return logits_fn(params, x)
-
-
-def accuracy(params: Params, x: np.ndarray, y: np.ndarray) -> float:
-  """Fraction of `x [n, dim]` classified as `y [n]`."""
-  return float((np.asarray(predict(params, x)).argmax(-1) == np.asarray(y)).mean())
 
 
 def row_glorot(

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
+from h2t import head as head_lib
 from h2t import head2toe, normalize, probe, selection
 from tests import oracles, toy
 
@@ -198,7 +199,7 @@ class GridTest(absltest.TestCase):
       np.testing.assert_allclose(together.accuracy[:, p], alone.accuracy[:, 0], atol=1 / 20 + 1e-9)
 
   def test_a_share_of_the_folds_gives_their_accuracies(self):
-    # What a process of a multi-process run computes (h2t.evaluate.cv_units): some folds, every point.
+    # What a process of a multi-process run computes (h2t.grid.cv_units): some folds, every point.
     feats, labels = _toy_task(n=100, informative=("a", "b"))
     prep = head2toe.prepare(feats)
     points = self._points()[::2]
@@ -219,7 +220,7 @@ class GridTest(absltest.TestCase):
     run = head2toe.run_grid(
       prep, labels, [learning], [(np.arange(100), None)], [head2toe.FINAL_FOLD], seed=2, num_classes=3
     )
-    again = head2toe.head_from_run(prep, run, 0, 0, learning)
+    again = head_lib.from_grid_run(prep, run, 0, 0, learning)
     np.testing.assert_array_equal(head.predict(feats), again.predict(feats))
 
   def test_cross_validate_shapes_and_range(self):
@@ -235,7 +236,7 @@ class GridTest(absltest.TestCase):
     prep = head2toe.prepare(feats)
     folds = [(np.arange(0, 80), np.arange(80, 100))]
     run = head2toe.run_grid(prep, labels, [learning], folds, [0], seed=1, num_classes=3)
-    head = head2toe.head_from_run(prep, run, 0, 0, learning)
+    head = head_lib.from_grid_run(prep, run, 0, 0, learning)
     sub = {t: v[80:] for t, v in feats.items()}
     acc = (head.predict(sub).argmax(-1) == labels[80:]).mean()
     self.assertAlmostEqual(acc, float(run.accuracy[0, 0]), places=6)

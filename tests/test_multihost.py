@@ -14,7 +14,7 @@ import numpy as np
 from absl.testing import absltest
 from PIL import Image
 
-from h2t import evaluate, multihost
+from h2t import grid, multihost
 from h2t.data import base
 from tests import toy
 
@@ -356,9 +356,9 @@ class OneProcessTest(absltest.TestCase):
       multihost.gather_cells(cells, np.array([[True, False]]))
 
   def test_cv_units_go_round_robin(self):
-    np.testing.assert_array_equal(evaluate.cv_units(2, 1), np.zeros((2, 5), int))
-    np.testing.assert_array_equal(evaluate.cv_units(2, 2), [[0, 1, 0, 1, 0], [1, 0, 1, 0, 1]])
-    np.testing.assert_array_equal(evaluate.cv_units(1, 7), [[0, 1, 2, 3, 4]])  # more processes than units
+    np.testing.assert_array_equal(grid.cv_units(2, 1), np.zeros((2, 5), int))
+    np.testing.assert_array_equal(grid.cv_units(2, 2), [[0, 1, 0, 1, 0], [1, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(grid.cv_units(1, 7), [[0, 1, 2, 3, 4]])  # more processes than units
 
 
 if __name__ == "__main__":
