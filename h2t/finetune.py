@@ -44,7 +44,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from h2t import normalize, probe
+from h2t import normalize, optim, probe
 from h2t.data import base
 
 # Parameter names of BatchNorm's running statistics (h2t.models.common.FrozenBatchNorm,
@@ -123,7 +123,7 @@ def is_trainable(path: str, *, train_backbone: bool = True) -> bool:
 
 def _optimizer(spec: StepSpec) -> optax.GradientTransformation:
   """The update direction before the learning rate: the choices of `h2t.probe`."""
-  return probe.update_direction(spec.optimizer, spec.grad_clip_value)
+  return optim.update_direction(spec.optimizer, spec.grad_clip_value)
 
 
 def features(backbone, backbone_params: Params, images: jax.Array, spec: StepSpec) -> jax.Array:
@@ -170,7 +170,7 @@ def _train_step(
 
   loss, grads = jax.value_and_grad(loss_fn)(trainable)
   updates, opt_state = _optimizer(spec).update(grads, opt_state, trainable)
-  lr = probe.cosine_schedule(step, hp.learning_rate, total_steps, spec.use_cosine_decay)
+  lr = optim.cosine_schedule(step, hp.learning_rate, total_steps, spec.use_cosine_decay)
   trainable = jax.tree_util.tree_map(lambda p, u: p - lr * u, trainable, updates)
   return trainable, opt_state, loss
 
@@ -249,7 +249,7 @@ def fit(
     "backbone": {k: jnp.array(v, copy=True) for k, v in flat.items() if k not in frozen},
   }
   opt_state = _optimizer(spec).init(trainable)
-  batches = probe.batch_indices(k_data, len(labels), steps, batch_size)
+  batches = optim.batch_indices(k_data, len(labels), steps, batch_size)
   images_dev, labels_dev = jnp.asarray(images), jnp.asarray(labels)
   hp = probe.HParams(
     learning_rate=jnp.float32(learning.learning_rate),

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from h2t.optim import batch_indices, cosine_schedule, update_direction
 from h2t.penalties import group_lasso, group_norms, penalty  # noqa: F401 -- part of the probe's API
 
 OPTIMIZERS = ("adam", "sgd")
@@ -231,11 +232,36 @@ def init_head(key: jax.Array, dim: int, spec: TrainSpec) -> Params:
   return assemble(w, jnp.zeros((width,), jnp.float32), rest)
 
 
+@jax.custom_vjp
+def features_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x [n, dim] @ w [dim, width]`, with the kernel's gradient `x^T @ g` computed `[dim, width]`, as `w` lies.
+
+  Autodiff's own is `(g^T @ x)^T`: XLA's CPU backend computed `[width, dim]` and
+  each optimiser pass read it transposed, which with stage 1's kernels side by
+  side (`[dim, H, width]`, `train_heads`) made its Adam passes several times
+  slower. The same products and sums (the weights are bit-identical on the CPU).
+  """
+  return x @ w
+
+
+def _features_matmul_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _features_matmul_bwd(residuals, g):
+  x, w = residuals
+  return g @ w.T, jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))
+
+
+features_matmul.defvjp(_features_matmul_fwd, _features_matmul_bwd)
+
+
 def logits_fn(params: Params, x: jax.Array) -> jax.Array:
   """`x [n, dim]` -> logits `[n, classes]` (through the ReLU hidden layer when there is one)."""
   if "hidden_w" in params:
-    x = jax.nn.relu(x @ params["hidden_w"] + params["hidden_b"])
-  return x @ params["w"] + params["b"]
+    x = jax.nn.relu(features_matmul(x, params["hidden_w"]) + params["hidden_b"])
+    return x @ params["w"] + params["b"]
+  return features_matmul(x, params["w"]) + params["b"]
 
 
 def split_frozen(params: Params, spec: TrainSpec) -> tuple[Params, Params]:
@@ -246,40 +272,9 @@ def split_frozen(params: Params, spec: TrainSpec) -> tuple[Params, Params]:
   return dict(params), {}
 
 
-def batch_indices(key: jax.Array, n: int, steps: int, batch_size: int) -> jax.Array:
-  """`[steps, batch_size]` example indices: epochs of fresh permutations, concatenated."""
-  epochs = -(-steps * batch_size // n)
-  perms = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(key, epochs))
-  return perms.reshape(-1)[: steps * batch_size].reshape(steps, batch_size)
-
-
-def cosine_schedule(step: jax.Array, base_lr: jax.Array, total: jax.Array | int, cosine: bool) -> jax.Array:
-  """The learning rate at `step` (0-based): `base_lr`, or Keras' CosineDecay(base_lr, total) to 0."""
-  if not cosine:
-    return jnp.asarray(base_lr, jnp.float32)
-  frac = jnp.minimum(step, total) / total
-  return base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-
-
 def learning_rate_at(step: jax.Array, hp: HParams, spec: TrainSpec) -> jax.Array:
   """The learning rate of `step` (0-based) of a probe: constant or cosine-decayed to 0."""
   return cosine_schedule(step, hp.learning_rate, spec.training_steps, spec.use_cosine_decay)
-
-
-def update_direction(optimizer: str, grad_clip_value: float) -> optax.GradientTransformation:
-  """The optimiser's update direction, before the learning rate is applied.
-
-  'adam' (Keras' epsilon 1e-7) or 'sgd' (momentum 0.9), with entries clipped to
-  [-v, v] first when `grad_clip_value` v > 0, as the reference's options.
-  """
-  parts = []
-  if grad_clip_value > 0:
-    parts.append(optax.clip(grad_clip_value))
-  if optimizer == "adam":
-    parts.append(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-7))
-  else:
-    parts.append(optax.trace(decay=0.9))
-  return optax.chain(*parts)
 
 
 def _direction(spec: TrainSpec) -> optax.GradientTransformation:
@@ -303,6 +298,7 @@ def train_heads(
   spec: TrainSpec,
   groups: jax.Array | None = None,
   num_groups: int = 0,
+  kernel_head_axis: int = 0,
 ) -> tuple[Params, jax.Array]:
   """The trainer: `H` heads (leading axis of `params` and `hp`) on shared minibatches.
 
@@ -315,12 +311,35 @@ def train_heads(
     y: labels indexed by `batches`.
     spec: static settings; a 'random_N' hidden layer stays frozen.
     groups, num_groups: feature groups of the first kernel's penalty.
+    kernel_head_axis: where the heads sit in the first kernel while it trains:
+      0 (`[H, dim, width]`) or 1 (`[dim, H, width]`, for heads that share
+      their features). Either way `params` come in and go out as `[H, ...]`.
 
   Returns:
     `(params, losses [H, steps])`.
   """
+  # Heads sharing a minibatch get their logits from one `[batch, dim] @
+  # [dim, H * width]` matmul; with the heads leading, XLA relaid all H kernels
+  # out to `[dim, H * width]` every step (2 * H * dim * width bytes, 11% of
+  # stage 1's step at the paper's sizes, issue #12). `[dim, H, width]` is that
+  # matrix as it lies, and `features_matmul` computes its gradient laid out so.
+  # The optimiser is elementwise and the matmuls read the same matrices, so the
+  # weights are the same (bit-identical on the CPU); the penalty's sums run in
+  # another order (the reported loss may move a last bit).
   tx = _direction(spec)
+  first = first_kernel_name(params)
+  params = {**params, first: jnp.moveaxis(params[first], 0, kernel_head_axis)}
   params, frozen = split_frozen(params, spec)
+
+  def head_axes(tree):
+    """The heads' axis of each leaf: `kernel_head_axis` for the first kernel (and its moments), else 0."""
+    key = jax.tree_util.DictKey(first)
+    return jax.tree_util.tree_map_with_path(
+      lambda path, _: kernel_head_axis if path[-1:] == (key,) else 0, tree
+    )
+
+  p_axes, fz_axes = head_axes(params), head_axes(frozen)
+  opt_axes = head_axes(jax.eval_shape(tx.init, params))
 
   def head_loss(p, fz, h, xb, yb):
     if spec.padded_classes:
@@ -334,18 +353,24 @@ def train_heads(
     i, b = inputs
     xb = x_fn(b)
     x_axis = 0 if xb.ndim == 3 else None
-    value, grads = jax.vmap(jax.value_and_grad(head_loss), in_axes=(0, 0, 0, x_axis, None))(
-      p, frozen, hp, xb, y[b]
-    )
-    updates, opt_state = jax.vmap(tx.update)(grads, opt_state, p)
+    value, grads = jax.vmap(
+      jax.value_and_grad(head_loss), in_axes=(p_axes, fz_axes, 0, x_axis, None), out_axes=(0, p_axes)
+    )(p, frozen, hp, xb, y[b])
+    update = jax.vmap(tx.update, in_axes=(p_axes, opt_axes, p_axes), out_axes=(p_axes, opt_axes))
+    updates, opt_state = update(grads, opt_state, p)
     lr = jax.vmap(lambda h: learning_rate_at(i, h, spec))(hp)
-    p = jax.tree_util.tree_map(lambda v, u: v - lr.reshape((-1,) + (1,) * (v.ndim - 1)) * u, p, updates)
+
+    def apply(axis, v, u):
+      return v - jnp.expand_dims(lr, [d for d in range(v.ndim) if d != axis]) * u
+
+    p = jax.tree_util.tree_map(apply, p_axes, p, updates)
     return (p, opt_state), value
 
-  opt_state = jax.vmap(tx.init)(params)
+  opt_state = jax.vmap(tx.init, in_axes=(p_axes,), out_axes=opt_axes)(params)
   steps = jnp.arange(spec.training_steps)
   (params, _), losses = jax.lax.scan(step, (params, opt_state), (steps, batches))
-  return {**params, **frozen}, losses.T
+  params = {**params, **frozen}
+  return {**params, first: jnp.moveaxis(params[first], kernel_head_axis, 0)}, losses.T
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "num_groups"))
@@ -370,29 +395,3 @@ def train(
 def predict(params: Params, x: jax.Array) -> jax.Array:
   """Logits `[n, classes]` of a trained head."""
   return logits_fn(params, x)
-
-
-def row_glorot(
-  key: jax.Array, rows: int, num_classes: int, fan_in: jax.Array | int, fan_out: jax.Array | int | None = None
-) -> jax.Array:
-  """Glorot-uniform `[rows, num_classes]` (the layer's width), row `i` drawn from `fold_in(key, i)`.
-
-  Drawing per row makes the first `k` rows independent of `rows`, so a
-  padded head starts exactly as an unpadded one. With `fan_out` (the real
-  classes of a class bucket) the limit is the real layer's and columns from
-  `fan_out` on are 0; JAX's (partitionable) threefry draws element `j` of a
-  row independently of the row's length, so the real columns are the
-  unpadded layer's, bit for bit.
-  """
-  if fan_out is None:
-    limit = jnp.sqrt(6.0 / (fan_in + num_classes))
-  else:
-    # `6.0 / int32` divides in float32; for integers below 2^24 that equals
-    # Python's double division rounded to float32 (no double-rounding case).
-    limit = jnp.sqrt(6.0 / (fan_in + fan_out))
-  u = jax.vmap(
-    lambda i: jax.random.uniform(jax.random.fold_in(key, i), (num_classes,), minval=-1.0, maxval=1.0)
-  )(jnp.arange(rows))
-  if fan_out is not None:
-    u = jnp.where(jnp.arange(num_classes) < fan_out, u, 0.0)
-  return u * limit

@@ -4,7 +4,7 @@ A fold is a set of training indices into the features `x [n, D]`. Every head
 of a fold sees the same minibatches (same key), so a step gathers its
 minibatch once and all the fold's heads use it. Hyperparameters are traced
 `[H]` vectors, so one compiled program serves a whole grid. Initial kernels
-are drawn row by row (`probe.row_glorot`), so a head's start does not depend
+are drawn row by row (`row_glorot`), so a head's start does not depend
 on how many heads share the program or on the padding of its kept set.
 
 Stage 1 (`train_all_features`) trains heads on every feature and returns
@@ -27,20 +27,45 @@ import numpy as np
 from h2t import config as config_lib
 from h2t import normalize, probe, selection
 from h2t.inputs import Prepared
+from h2t.optim import batch_indices
 from h2t.probe import (
   OUTPUT_LAYER_KEY,
   HParams,
   Params,
   TrainSpec,
   assemble,
-  batch_indices,
   first_kernel_name,
   logits_fn,
   output_layer,
-  row_glorot,
   train_heads,
 )
 from h2t.sharding import HeadSharding
+
+
+def row_glorot(
+  key: jax.Array, rows: int, num_classes: int, fan_in: jax.Array | int, fan_out: jax.Array | int | None = None
+) -> jax.Array:
+  """Glorot-uniform `[rows, num_classes]` (the layer's width), row `i` drawn from `fold_in(key, i)`.
+
+  Drawing per row makes the first `k` rows independent of `rows`, so a
+  padded head starts exactly as an unpadded one. With `fan_out` (the real
+  classes of a class bucket) the limit is the real layer's and columns from
+  `fan_out` on are 0; JAX's (partitionable) threefry draws element `j` of a
+  row independently of the row's length, so the real columns are the
+  unpadded layer's, bit for bit.
+  """
+  if fan_out is None:
+    limit = jnp.sqrt(6.0 / (fan_in + num_classes))
+  else:
+    # `6.0 / int32` divides in float32; for integers below 2^24 that equals
+    # Python's double division rounded to float32 (no double-rounding case).
+    limit = jnp.sqrt(6.0 / (fan_in + fan_out))
+  u = jax.vmap(
+    lambda i: jax.random.uniform(jax.random.fold_in(key, i), (num_classes,), minval=-1.0, maxval=1.0)
+  )(jnp.arange(rows))
+  if fan_out is not None:
+    u = jnp.where(jnp.arange(num_classes) < fan_out, u, 0.0)
+  return u * limit
 
 
 def _fold_batches(key: jax.Array, train_idx: jax.Array, spec: TrainSpec) -> jax.Array:
@@ -98,7 +123,7 @@ def train_all_features(
     def x_fn(b):
       return x[b]
 
-  params, losses = train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups)
+  params, losses = train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups, kernel_head_axis=1)
   return params[first_kernel_name(params)], losses
 
 
