@@ -15,7 +15,9 @@ and records each task's wall time, compile time (`h2t.platform.CompileMonitor`: 
 XLA) and programs built, with `learning.class_buckets` on and off. The issue's bound: a second task
 of a sweep spends at most 10% of its time compiling.
 
-  python experiments/bench_class_buckets.py [--input_size=32] [--training_steps=30] [--repeats=2]
+  python experiments/bench_class_buckets.py [--input_size=32] [--training_steps=30] [--repeats=2] [--programs]
+
+`--programs` lists, for every task after the first, the functions it compiled (programs, seconds).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ flags.DEFINE_integer("input_size", 32, "Backbone input size.")
 flags.DEFINE_integer("target_size", 64, "Pooling target size per tap.")
 flags.DEFINE_integer("training_steps", 30, "Probe training steps.")
 flags.DEFINE_integer("repeats", 2, "Rounds (each: one fresh process per setting).")
+flags.DEFINE_bool("programs", False, "Also list what each task after the first compiled, by function.")
 flags.DEFINE_string("out", "", "Also write the printed figures to this file.")
 flags.DEFINE_string("child", "", "Internal: 'on' or 'off', run both tasks in this process.")
 
@@ -84,6 +87,7 @@ def child(buckets: str) -> dict:
           "seconds": seconds,
           "compile_s": compiled.seconds,
           "programs": compiled.backend_compiles,
+          "by_function": compiled.by_function,
           "test_accuracy": {m: r["test_accuracy"] for m, r in results["methods"].items()},
         }
       )
@@ -122,6 +126,10 @@ def main(argv):
           f"| {r + 1} | {buckets} | {t['task']} | {t['classes']} | {t['seconds']:.1f} s | {t['compile_s']:.1f} s "
           f"| {t['compile_s'] / t['seconds']:.0%} | {t['programs']} | {acc} |"
         )
+      if FLAGS.programs:
+        for t in res["tasks"][1:]:
+          top = sorted(t["by_function"].items(), key=lambda kv: -kv[1][1])
+          say(f"#   {buckets} {t['task']}: " + ", ".join(f"{f} {n}x {s:.2f} s" for f, (n, s) in top))
   if FLAGS.out:
     say.write(FLAGS.out)
 

@@ -361,8 +361,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
     chosen = cross_validate(ctx, results)
     heads = fit_chosen(ctx, chosen, results) if config.eval_mode == "test" else {}
     if heads:  # fine-tuning alone streams its own test set
+      # The training extraction's taps: the test pass runs the program that pass compiled.
+      taps = {}
+      for name in heads:
+        cfg = ctx.points[chosen[name]][1]
+        taps[name] = resolve_taps(ctx.backbone(cfg), cfg.backbone)
       with ctx.timed("test"):
-        test_acc = stream_test(ctx.backbones.values(), ctx.task, heads, int(config.backbone.batch_size))
+        test_acc = stream_test(ctx.backbones.values(), ctx.task, heads, int(config.backbone.batch_size), taps)
       results["test_images_per_s"] = ctx.task.size("test") / ctx.timings["test"]
       outputs.record_heads(ctx, chosen, heads, test_acc, results)
     results["timings_s"] = ctx.timings

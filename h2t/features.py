@@ -17,7 +17,7 @@ import collections
 import functools
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +99,22 @@ def _extract_batch(params, images: jax.Array, **static) -> tuple[jax.Array, jax.
   return feats, ~jnp.isfinite(feats.sum(axis=1))
 
 
+@jax.jit
+def _take_columns(feats: jax.Array, columns: jax.Array) -> jax.Array:
+  """`feats [B, D]`, `columns [k] int32` -> `feats[:, columns]`, `[B, k]` (exact: a gather)."""
+  return jnp.take(feats, columns, axis=1)
+
+
+def _columns(layout, keep: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
+  """Column numbers in `_extract_batch`'s features of `keep`'s features (taps in `keep` order),
+  padded with column 0 to a power of two (at most D), so that tasks keeping about as many features
+  share the gather's program. Returns `(columns [bucket] int32, k real columns)`."""
+  start = {tap: lo for tap, lo, _ in layout}
+  cols = np.concatenate([start[t] + np.asarray(idx, int) for t, idx in keep.items()] + [np.zeros(0, int)])
+  bucket = min(1 << max(len(cols) - 1, 0).bit_length(), max(layout[-1][2], len(cols)))
+  return np.concatenate([cols, np.zeros(bucket - len(cols), int)]).astype(np.int32), len(cols)
+
+
 # backbone -> {(static settings, image shape, dtype): ((tap, start, stop), ...)}; weak, so a
 # dropped backbone (and its parameters) is not kept alive by this cache.
 _LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -157,9 +173,13 @@ def _stream(
   prefetch: int = 2,
   in_flight: int = 2,
   stats: ExtractionStats | None = None,
+  keep: dict[str, np.ndarray] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[tuple[str, int, int], ...]]]:
   """`extract_batches`, yielding `(features [b, D], labels [b], layout)` per batch,
-  `layout` the `(tap, start, stop)` column range of every tap. `pooling`: `_pooling(...)`."""
+  `layout` the `(tap, start, stop)` column range of every tap. `pooling`: `_pooling(...)`.
+
+  With `keep` (`{tap: indices}`) only those features leave the device: `features [b, k]` are
+  `keep`'s columns, tap by tap, and `layout` gives their ranges."""
   static = dict(backbone=backbone, **pooling)
   static["taps"] = check_taps(backbone, static["taps"])
   dtype = check_dtype(static["dtype"])
@@ -181,19 +201,27 @@ def _stream(
     stats.bytes_to_device += images.nbytes
     return jax.device_put(images, placement), np.asarray(labels, np.int32)
 
-  def fetch(out, labels, layout):
+  def fetch(out, whole, labels, layout):
     start = time.perf_counter()
     feats, bad = jax.device_get(out)  # both arrays in one round trip
     stats.device_wait_seconds += time.perf_counter() - start
     stats.bytes_from_device += feats.nbytes + bad.nbytes
     b = len(labels)
-    if bad[:b].any():
-      _check_finite(feats[:b], bad[:b], layout, stats.images, backbone, dtype)
+    if bad[:b].any():  # a flagged row: the whole batch's features name the tap
+      _check_finite(np.asarray(jax.device_get(whole))[:b], bad[:b], layout, stats.images, backbone, dtype)
+    feats = feats[:b, :kept] if keep is not None else feats[:b]
     stats.images += b
-    stats.feature_bytes += feats[:b].nbytes
+    stats.feature_bytes += feats.nbytes
     progress(stats.images)
-    return feats[:b], labels, layout
+    return feats, labels, kept_layout if keep is not None else layout
 
+  columns = kept = kept_layout = None
+  if keep is not None:
+    unknown = sorted(set(keep) - set(static["taps"]))
+    if unknown:
+      raise ValueError(f"keep names taps {unknown} that are not extracted (taps={static['taps']})")
+    stops = np.cumsum([0] + [len(idx) for idx in keep.values()]).tolist()
+    kept_layout = tuple(zip(keep, stops[:-1], stops[1:], strict=True))
   pending: collections.deque = collections.deque()
   source = prefetch_lib.prefetch(batches, prefetch, transform=send)
   try:
@@ -206,11 +234,16 @@ def _stream(
       images, labels = item
       layout = _layout(params, images, static)
       # Dispatch is asynchronous: this batch runs on the device while older ones are fetched.
-      out = _extract_batch(params, images, **static)
+      out = whole = _extract_batch(params, images, **static)
+      if keep is not None:
+        if columns is None:
+          columns, kept = _columns(layout, keep)
+          columns = jax.device_put(columns)
+        out = (_take_columns(whole[0], columns), whole[1])
       for array in out:
         array.copy_to_host_async()
       stats.batches += 1
-      pending.append((out, labels, layout))
+      pending.append((out, whole[0], labels, layout))
       if len(pending) >= in_flight:
         yield fetch(*pending.popleft())
     while pending:
@@ -233,6 +266,7 @@ def extract_batches(
   prefetch: int = 2,
   in_flight: int = 2,
   stats: ExtractionStats | None = None,
+  keep: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray]]:
   """Streams `(images, labels)` batches through the backbone, at the device's pace.
 
@@ -262,11 +296,15 @@ def extract_batches(
     prefetch: batches read ahead on the host thread (0: no thread).
     in_flight: batches dispatched before the oldest is fetched (1: one at a time).
     stats: if given, bytes moved and time spent waiting are added to it.
+    keep: `{tap: int indices}` (taps among `taps`): only these features are
+      fetched, gathered on the device; the extraction program stays `taps`'s
+      (one already compiled for an earlier pass over the same taps).
 
   Yields:
     `({tap: [b, d_tap] float32}, labels [b] int32)` per input batch, taps in
-    `taps` order. A non-finite feature raises FloatingPointError naming the
-    tap and the images.
+    `taps` order; with `keep`, `{tap: [b, len(keep[tap])]}` in `keep`'s order.
+    A non-finite feature (of any tap in `taps`) raises FloatingPointError
+    naming the tap and the images.
   """
   for feats, labels, layout in _stream(
     backbone,
@@ -277,6 +315,7 @@ def extract_batches(
     prefetch=prefetch,
     in_flight=in_flight,
     stats=stats,
+    keep=None if keep is None else dict(keep),
   ):
     yield {tap: feats[:, lo:hi] for tap, lo, hi in layout}, labels
 

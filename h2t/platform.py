@@ -109,18 +109,23 @@ class CompileMonitor:
     backend_compiles: XLA programs built or read from the cache.
     cache_hits: programs read from the persistent cache.
     cache_misses: programs the persistent cache did not hold.
+    by_function: `{function name: [programs, seconds]}`, which functions the
+      compile time went to (eager operations appear under their primitive's name).
   """
 
   seconds: float = 0.0
   backend_compiles: int = 0
   cache_hits: int = 0
   cache_misses: int = 0
+  by_function: dict[str, list] = dataclasses.field(default_factory=dict)
 
   def _on_duration(self, event: str, duration: float, **kwargs) -> None:
-    del kwargs
     if event in _COMPILE_EVENTS:
       self.seconds += duration
       self.backend_compiles += event == _COMPILE_EVENTS[-1]
+      entry = self.by_function.setdefault(str(kwargs.get("fun_name", "?")), [0, 0.0])
+      entry[0] += event == _COMPILE_EVENTS[-1]
+      entry[1] += duration
 
   def _on_event(self, event: str, **kwargs) -> None:
     del kwargs

@@ -274,6 +274,17 @@ def kept_accuracy(
   return jax.vmap(one)(kept_idx, kept_mask, params)
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "classes", "num_taps"))
+def _real_scores(w: jax.Array, tap_of: jax.Array, *, kind: str, classes: int, num_taps: int) -> jax.Array:
+  """`selection.connectivity_scores` of the first `classes` columns of `w [..., D, width]` -> `[..., D]`.
+
+  One program (slice, score) rather than three eager ones per class count: a
+  sweep's later task with another class count compiles one small program. The
+  numbers are the eager ones, bit for bit (on the CPU, every score kind).
+  """
+  return selection.connectivity_scores(kind, w[..., :classes], tap_of, num_taps)
+
+
 def stage1_scores(
   prep: Prepared,
   labels: np.ndarray,
@@ -340,7 +351,7 @@ def stage1_scores(
       hp1,
       jax.vmap(lambda kk, r=r: jax.random.fold_in(kk, r))(keys),
     )
-    if spec.padded_classes:
-      w = w[..., :num_classes]  # the scores read the real columns only, as without padding
-    scores = scores + selection.connectivity_scores(fs.type, w, prep.tap_of, len(prep.taps))
+    # The scores read the real columns only, as without padding.
+    real = num_classes if spec.padded_classes else w.shape[-1]
+    scores = scores + _real_scores(w, prep.tap_of, kind=fs.type, classes=real, num_taps=len(prep.taps))
   return (scores / len(repeats))[:, row_of]  # [F, P, D]; padding heads dropped
