@@ -1,10 +1,11 @@
-r"""The full protocol for one task on an accelerator: ResNet-50 at 224 px, VTAB-1k sizes.
+r"""The full protocol for one task on an accelerator: ResNet-50 or ViT-B/16 at 224 px, VTAB-1k sizes.
 
-ResNet-50 (h2t.models.resnet, random weights from `module.init`: no checkpoint
-is needed, and the costs do not depend on the weights) on a task of random
-images at the backbone's input size, VTAB-1k sized: 1000 training images
-(train800val200) and 10,000 test images, 10 random labels. It runs the
-protocol of `h2t.evaluate.run` step by step and times each step:
+ResNet-50 (h2t.models.resnet) or ViT-B/16 (h2t.models.vit, `--backbone=vit_b16`),
+random weights from `module.init` (no checkpoint is needed, and the costs do not
+depend on the weights), with the taps and input normalisation h2t.backbones
+gives them, on a task of random images at the backbone's input size, VTAB-1k
+sized: 1000 training images (train800val200) and 10,000 test images, 10 random
+labels. It runs the protocol of `h2t.evaluate.run` step by step and times each step:
 
   0. the backbone's own pace: one jitted forward pass pooling every tap, on a
      batch already on the device (experiments/bench_backbones.py's figure),
@@ -19,6 +20,18 @@ protocol of `h2t.evaluate.run` step by step and times each step:
   3. the final fit of the best point on the 1000 images;
   4. the streamed test of the 10,000 images (images -> kept taps -> logits).
 
+`--paper` runs the paper's grid instead (configs/vtab.py:paper, 96 points: the
+ℓ2,1 coefficient {1e-3, 1e-5} x target sizes {1024, 16384, 40000} x keep
+fractions {0.01, 0.05, 0.1, 0.2} x learning rates {0.1, 0.01} x {500, 5000}
+steps) as h2t.evaluate runs it, in the first of `--dtypes`, everything cold:
+the backbone's pace; one extraction of the training images per target size
+(a phase each); the 5-fold CV of the 96 points (`h2t.evaluate.cross_validate`:
+one program per target size and step count); the final fit of the chosen point
+(`h2t.evaluate.fit_chosen`); the streamed test at the chosen point's target
+size; then the protocol's total (the issue's bar on an accelerator: <= 3
+minutes for ResNet-50, 1000 train, 10k test). `--smoke --paper` keeps the 96
+points at tiny sizes: target sizes {64, 256, 1024}, {5, 50} steps.
+
 Every phase prints its time, the share of it spent tracing and compiling
 (`h2t.platform.CompileMonitor`), the bytes moved between host and device
 against the least the work needs (the pooled features; extraction phases),
@@ -32,7 +45,11 @@ resizing is timed (experiments/bench_input_pipeline.py measures that part).
 Accuracies are those of random labels: chance. The device it ran on is printed.
 
   python experiments/bench_gpu_protocol.py --compilation_cache_dir=/tmp/jax_cache  # on a GPU / TPU
+  python experiments/bench_gpu_protocol.py --paper --compilation_cache_dir=/tmp/jax_cache  # paper grid, ResNet-50
+  python experiments/bench_gpu_protocol.py --paper --backbone=vit_b16 \
+      --compilation_cache_dir=/tmp/jax_cache                            # paper grid, ViT-B/16
   python experiments/bench_gpu_protocol.py --smoke         # tiny, on the CPU, a few minutes
+  python experiments/bench_gpu_protocol.py --smoke --paper [--backbone=vit_b16]  # 96 points, tiny, CPU
 """
 
 from __future__ import annotations
@@ -51,15 +68,29 @@ import numpy as np
 from absl import app, flags
 from bench_common import Printer, load_config  # noqa: F401 -- experiments/ is on sys.path
 
-from h2t import backbones, features, grid, head2toe, platform, streaming
+from h2t import backbones, evaluate, features, grid, head2toe, platform, streaming
+from h2t import config as config_lib
+from h2t import methods as methods_lib
 from h2t.data import base
-from h2t.models import common, resnet
+from h2t.models import common, resnet, vit
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
-  "smoke", False, "Tiny sizes (32 px, 100 train, 256 test, 10 steps, 2 points): checks it runs."
+  "smoke",
+  False,
+  "Tiny sizes (32 px, 100 train, 256 test, 10 steps, 2 points; with --paper the 96 points at target sizes "
+  "64,256,1024 and 5,50 steps): checks it runs.",
 )
-flags.DEFINE_integer("input_size", 224, "ResNet-50 input size.")
+flags.DEFINE_enum("backbone", "resnet50", ["resnet50", "vit_b16"], "The backbone, with random weights.")
+flags.DEFINE_bool(
+  "paper",
+  False,
+  "The paper's grid (configs/vtab.py:paper, 96 points over 3 target sizes) as h2t.evaluate runs it, in the "
+  "first of --dtypes; --target_size, --training_steps and --sweep do not apply.",
+)
+flags.DEFINE_list("paper_target_sizes", None, "--paper: these target sizes instead of the paper's.")
+flags.DEFINE_list("paper_training_steps", None, "--paper: these step counts instead of the paper's.")
+flags.DEFINE_integer("input_size", 224, "The backbone's input size (a multiple of 16 for ViT-B/16).")
 flags.DEFINE_integer("train_size", 1000, "Training images (a multiple of 5: the folds).")
 flags.DEFINE_integer("test_size", 10000, "Test images.")
 flags.DEFINE_integer("target_size", 1024, "Pooling target size per tap (configs/vtab.py's default).")
@@ -75,6 +106,10 @@ flags.DEFINE_string("out", "", "Also write the printed figures to this file.")
 
 NUM_CLASSES = 10
 POOL_IMAGES = 512  # distinct random images; batches cycle through them
+TARGET_SIZE = "backbone.additional_features_target_size"
+TRAINING_STEPS = "learning.training_steps"
+SMOKE_PAPER = {TARGET_SIZE: ["64", "256", "1024"], TRAINING_STEPS: ["5", "50"]}
+LABELS = {"resnet50": "ResNet-50", "vit_b16": "ViT-B/16"}
 
 
 def random_task(size: int, train_size: int, test_size: int, seed: int = 0) -> base.Task:
@@ -97,32 +132,46 @@ def random_task(size: int, train_size: int, test_size: int, seed: int = 0) -> ba
   return base.Task("random_vtab1k", NUM_CLASSES, {k: len(v) for k, v in labels.items()}, read)
 
 
-def resnet50_random(input_size: int) -> backbones.Backbone:
-  """ResNet-50 with `module.init` weights, as an h2t backbone."""
-  module = resnet.ResNet()
+def random_backbone(name: str, input_size: int) -> backbones.Backbone:
+  """ResNet-50 or ViT-B/16 with `module.init` weights, as an h2t backbone (the taps and normalisation of
+  `h2t.backbones.create`'s, which loads them from checkpoints)."""
+  if name == "resnet50":
+    module, normalization, taps = resnet.ResNet(), common.IMAGENET, resnet.tap_names()
+  else:
+    module = vit.ViT()  # B/16: patch 16, width 768, 12 blocks, 12 heads, MLP 3072
+    normalization, taps = common.MINUS_ONE_ONE, vit.tap_names(module.depth)
   params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, input_size, input_size, 3)))["params"]
   return backbones.Backbone(
-    name="resnet50",
+    name=name,
     module=module,
     params=params,
     input_size=input_size,
-    normalization=common.IMAGENET,
-    tap_names=resnet.tap_names(),
+    normalization=normalization,
+    tap_names=taps,
     checkpoint_id="random-init:0",
   )
 
 
-def learning_config(steps: int, sweep: str | None) -> ml_collections.ConfigDict:
-  """configs/vtab.py's config with the given steps and sweep."""
+def learning_config(
+  steps: int | None, sweep: str | None, variant: str | None = None
+) -> ml_collections.ConfigDict:
+  """configs/vtab.py's config (`variant`: e.g. 'paper') with the given steps (None: its own) and sweep."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location("vtab_config", os.path.join(repo, "configs", "vtab.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
-  config.learning.training_steps = steps
+  config = module.get_config(variant)
+  if steps is not None:
+    config.learning.training_steps = steps
   if sweep is not None:
     config.sweep = sweep
   return config
+
+
+def paper_sweep(config: ml_collections.ConfigDict, replace: dict[str, list[str]]) -> str:
+  """`config.sweep` (the paper's) with the values of the paths in `replace` replaced, in the same order."""
+  items = grid.parse_sweep(config.sweep, config)
+  return ";".join(f"{path}={','.join(replace.get(path) or map(str, values))}" for path, values in items)
 
 
 def device_memory() -> str:
@@ -188,48 +237,63 @@ def backbone_pace(backbone: backbones.Backbone, dtype: str, batches: int):
   return run
 
 
-def main(argv):
-  del argv
-  if FLAGS.smoke:
-    for name, value in dict(
-      input_size=32,
-      train_size=100,
-      test_size=256,
-      target_size=256,
-      training_steps=10,
-      batch_size=32,
-      pace_batches=2,
-    ).items():
-      if not FLAGS[name].present:
-        FLAGS[name].value = value
-    if not FLAGS["sweep"].present:
-      FLAGS.sweep = "learning.feature_selection.keep_fraction=0.05,0.1"
-  for dtype in FLAGS.dtypes:
-    features.check_dtype(dtype)
-  FLAGS.batch_size = platform.resolve_batch_size(FLAGS.batch_size)
-  cache = platform.enable_compilation_cache(FLAGS.compilation_cache_dir)
-  say = Printer()
-  dev = jax.devices()[0]
+def extraction(backbone, task, dtype: str, target_size: int, stats: features.ExtractionStats, **pooling):
+  """A function extracting the training split's pooled features, every tap at `target_size`."""
+
+  def run():
+    return features.extract_task_split(
+      backbone,
+      task,
+      "train800val200",
+      taps=backbone.tap_names,
+      target_size=target_size,
+      batch_size=FLAGS.batch_size,
+      dtype=dtype,
+      stats=stats,
+      **pooling,
+    )
+
+  return run
+
+
+def moved(stats: features.ExtractionStats, pace: float):
+  """An extraction phase's detail: its pace against the backbone's, the bytes moved, the waits."""
+
+  def detail(result, seconds):
+    rate = FLAGS.train_size / seconds
+    return (
+      f"{rate:.0f} images/s = {rate / pace:.2f} x the backbone's pace; to device "
+      f"{mib(stats.bytes_to_device)}, from device {mib(stats.bytes_from_device)} (pooled features, the least: "
+      f"{mib(stats.feature_bytes)}); waited {stats.input_wait_seconds:.2f} s for input, "
+      f"{stats.device_wait_seconds:.2f} s for features"
+    )
+
+  return detail
+
+
+def header(say: Printer, dev, cache: str | None) -> None:
+  flags_used = "".join(f" --{f}" for f in ("smoke", "paper") if FLAGS[f].value)
   say(
-    f"# experiments/bench_gpu_protocol.py{' --smoke' if FLAGS.smoke else ''} on device: {dev.platform} "
+    f"# experiments/bench_gpu_protocol.py{flags_used} --backbone={FLAGS.backbone} on device: {dev.platform} "
     f"({dev.device_kind}) x{jax.device_count()}; host {host_platform.machine()} with {os.cpu_count()} CPU cores; "
     f"jax {jax.__version__}; compilation cache {cache or 'off'}"
   )
   if dev.platform == "cpu" and not FLAGS.smoke:
     say("# warning: no accelerator found; the full sizes will take hours on a CPU (use --smoke)")
+
+
+def single_target(say: Printer, phase: Phases, backbone: backbones.Backbone, task: base.Task) -> float:
+  """Phases 0-4 at one target size (`--target_size`), every dtype cold and warm; returns the protocol's total."""
   config = learning_config(FLAGS.training_steps, FLAGS.sweep)
   config.backbone.batch_size = FLAGS.batch_size
   points = grid.points(config)
   learnings = [cfg.learning for _, cfg in points]
-  backbone = resnet50_random(FLAGS.input_size)
-  task = random_task(FLAGS.input_size, FLAGS.train_size, FLAGS.test_size)
   say(
-    f"# ResNet-50 (random weights) at {FLAGS.input_size} px, {len(backbone.tap_names)} taps pooled to target "
-    f"{FLAGS.target_size}; random uint8 images: {FLAGS.train_size} train, {FLAGS.test_size} test; extraction batch "
-    f"{FLAGS.batch_size}; grid of {len(points)} points x 5 folds, {FLAGS.training_steps} steps, batch "
-    f"{config.learning.train_batch_size}"
+    f"# {LABELS[backbone.name]} (random weights) at {FLAGS.input_size} px, {len(backbone.tap_names)} taps pooled "
+    f"to target {FLAGS.target_size}; random uint8 images: {FLAGS.train_size} train, {FLAGS.test_size} test; "
+    f"extraction batch {FLAGS.batch_size}; grid of {len(points)} points x 5 folds, {FLAGS.training_steps} steps, "
+    f"batch {config.learning.train_batch_size}"
   )
-  phase = Phases(say)
   pace = {}
   for dtype in FLAGS.dtypes:
     pace[dtype] = phase(
@@ -237,39 +301,15 @@ def main(argv):
       backbone_pace(backbone, dtype, FLAGS.pace_batches),
       lambda r, s: f"backbone alone (device-resident batch): {r:.0f} images/s",
     )
-
-  def extract(dtype: str, stats: features.ExtractionStats):
-    def run():
-      return features.extract_task_split(
-        backbone,
-        task,
-        "train800val200",
-        taps=backbone.tap_names,
-        target_size=FLAGS.target_size,
-        batch_size=FLAGS.batch_size,
-        dtype=dtype,
-        stats=stats,
-      )
-
-    return run
-
-  def moved(stats: features.ExtractionStats, dtype: str):
-    def detail(result, seconds):
-      rate = FLAGS.train_size / seconds
-      return (
-        f"{rate:.0f} images/s = {rate / pace[dtype]:.2f} x the backbone's pace; to device "
-        f"{mib(stats.bytes_to_device)}, from device {mib(stats.bytes_from_device)} (pooled features, the least: "
-        f"{mib(stats.feature_bytes)}); waited {stats.input_wait_seconds:.2f} s for input, "
-        f"{stats.device_wait_seconds:.2f} s for features"
-      )
-
-    return detail
-
   extracted = {}
   for dtype in FLAGS.dtypes:
     for kind in ("cold", "warm"):
       stats = features.ExtractionStats()
-      extracted[dtype] = phase(f"extract_{dtype}_{kind}", extract(dtype, stats), moved(stats, dtype))
+      extracted[dtype] = phase(
+        f"extract_{dtype}_{kind}",
+        extraction(backbone, task, dtype, FLAGS.target_size, stats),
+        moved(stats, pace[dtype]),
+      )
   feats, labels = extracted[FLAGS.dtypes[0]]
   for dtype in FLAGS.dtypes[1:]:
     worst = max(
@@ -288,7 +328,16 @@ def main(argv):
   best = int(np.argmax(acc.mean(1)))
   say(f"# best point {points[best][0]} (CV accuracy {acc[best].mean():.3f}, chance)")
 
-  meta = {"target_size": FLAGS.target_size, "pool_size": 0, "cls_token_pool": "normal"}
+  # The network's identity too: stream_test runs each head on the backbone its meta names.
+  meta = {
+    "backbone": backbone.name,
+    "checkpoint_id": backbone.checkpoint_id,
+    "input_size": backbone.input_size,
+    "dtype": FLAGS.dtypes[0],
+    "target_size": FLAGS.target_size,
+    "pool_size": 0,
+    "cls_token_pool": "normal",
+  }
   head = phase(
     "fit",
     lambda: head2toe.fit(
@@ -298,9 +347,9 @@ def main(argv):
   )
   phase(
     "test",
-    lambda: streaming.stream_test(backbone, task, {"head2toe": head}, int(config.backbone.batch_size))[
-      "head2toe"
-    ],
+    lambda: streaming.stream_test(
+      backbone, task, {"head2toe": head}, int(config.backbone.batch_size), {"head2toe": backbone.tap_names}
+    )["head2toe"],
     lambda a, s: f"{FLAGS.test_size / s:.0f} images/s, accuracy {a:.3f} (chance)",
   )
   t = phase.seconds
@@ -316,7 +365,127 @@ def main(argv):
       f"verdict {dtype}: extraction {rate:.0f} images/s warm vs the backbone's {pace[dtype]:.0f} images/s "
       f"({rate / pace[dtype]:.2f}x; goal >= 0.9 on an accelerator)"
     )
-  say(f"verdict: ran on {dev.platform} ({dev.device_kind}); protocol for one task in {total:.1f} s")
+  return total
+
+
+def paper_grid(say: Printer, phase: Phases, backbone: backbones.Backbone, task: base.Task) -> float:
+  """The paper's grid as `h2t.evaluate.run` runs it, every phase cold; returns the protocol's total.
+
+  The script's extraction phase runs once per target size (`h2t.evaluate.extract` would run the same
+  extraction through the feature cache, one timing for all sizes); the CV and the final fit are
+  `h2t.evaluate`'s own phases on a `Context` holding those features.
+  """
+  dtype = FLAGS.dtypes[0]
+  config = learning_config(None, None, "paper")
+  replace = dict(SMOKE_PAPER) if FLAGS.smoke else {}
+  replace.update({TARGET_SIZE: FLAGS.paper_target_sizes} if FLAGS.paper_target_sizes else {})
+  replace.update({TRAINING_STEPS: FLAGS.paper_training_steps} if FLAGS.paper_training_steps else {})
+  config.sweep = paper_sweep(config, replace)
+  b = config.backbone
+  b.name, b.checkpoint, b.input_size, b.batch_size, b.dtype = (
+    backbone.name,
+    "",
+    FLAGS.input_size,
+    FLAGS.batch_size,
+    dtype,
+  )
+  config.methods = ("head2toe",)
+  config.eval_mode = "test"
+  evaluate.validate(config)
+  ctx = evaluate.Context(config, "", grid.points(config), methods_lib.selected(config.methods))
+  ctx.backbones[grid.backbone_key(ctx.points[0][1])] = backbone
+  ctx.task = task
+  batches = grid.plan(ctx.points, [m for m in ctx.methods if m.searched], config_lib.FEATURE_FIELDS)
+  say(
+    f"# paper grid: {config.sweep}; {len(ctx.points)} points x 5 folds in {len(batches)} CV programs; "
+    f"{LABELS[backbone.name]} (random weights) at {FLAGS.input_size} px, {len(backbone.tap_names)} taps, "
+    f"{dtype}; random uint8 images: {FLAGS.train_size} train, {FLAGS.test_size} test; extraction batch "
+    f"{FLAGS.batch_size}; probe batch {config.learning.train_batch_size}"
+  )
+  pace = phase(
+    f"pace_{dtype}",
+    backbone_pace(backbone, dtype, FLAGS.pace_batches),
+    lambda r, s: f"backbone alone (device-resident batch): {r:.0f} images/s",
+  )
+  by_size = grid.group_by(ctx.points, lambda p: int(p[1].backbone.additional_features_target_size))
+  for size, members in by_size.items():
+    cfg = ctx.points[members[0]][1]
+    stats = features.ExtractionStats()
+    pooling = dict(
+      cls_token_pool=cfg.backbone.cls_token_pool, pool_size=int(cfg.backbone.additional_features_pool_size)
+    )
+    feats, ctx.labels = phase(
+      f"extract_{size}", extraction(backbone, task, dtype, size, stats, **pooling), moved(stats, pace)
+    )
+    for i in members:
+      ctx.feats[grid.feature_key(ctx.points[i][1], config_lib.FEATURE_FIELDS)] = feats
+    dim = sum(v.shape[1] for v in feats.values())
+    say(f"# target size {size}: D = {dim} features ({mib(4 * dim * len(ctx.labels))} as float32)")
+
+  results = {"grid": {}, "methods": {}}
+
+  def cv_detail(chosen, seconds):
+    best = results["methods"]["head2toe"]
+    return (
+      f"{len(ctx.points)} points x 5 folds = {5 * len(ctx.points) / seconds:.1f} probe pairs/s; best "
+      f"{best['chosen_point']} (CV accuracy {best['valid_accuracy']:.3f}, chance)"
+    )
+
+  chosen = phase("cv", lambda: evaluate.cross_validate(ctx, results), cv_detail)
+  heads = phase(
+    "fit",
+    lambda: evaluate.fit_chosen(ctx, chosen, results),
+    lambda h, s: f"{h['head2toe'].num_features} features kept from {len(h['head2toe'].kept)} taps",
+  )
+  cfg = ctx.points[chosen["head2toe"]][1]
+  taps = {"head2toe": evaluate.resolve_taps(backbone, cfg.backbone)}  # the training extraction's program
+  phase(
+    f"test_{int(cfg.backbone.additional_features_target_size)}",
+    lambda: streaming.stream_test(ctx.backbones.values(), task, heads, FLAGS.batch_size, taps)["head2toe"],
+    lambda a, s: f"{FLAGS.test_size / s:.0f} images/s, accuracy {a:.3f} (chance)",
+  )
+  total = sum(s for name, s in phase.seconds.items() if not name.startswith("pace_"))
+  say(
+    f"protocol total (cold, {dtype}: {len(by_size)} extractions + CV of {len(ctx.points)} points + final fit + "
+    f"test): {total:.1f} s (bar on an accelerator, ResNet-50, 1000 train, 10k test: <= 180 s); peak host RSS "
+    f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; {device_memory()}"
+  )
+  return total
+
+
+def main(argv):
+  del argv
+  if FLAGS.smoke:
+    for name, value in dict(
+      input_size=32,
+      train_size=100,
+      test_size=256,
+      target_size=256,
+      training_steps=10,
+      batch_size=32,
+      pace_batches=2,
+    ).items():
+      if not FLAGS[name].present:
+        FLAGS[name].value = value
+    if not FLAGS["sweep"].present and not FLAGS.paper:
+      FLAGS.sweep = "learning.feature_selection.keep_fraction=0.05,0.1"
+  if FLAGS.paper and FLAGS["sweep"].present:
+    raise app.UsageError("--paper searches the paper's grid; --sweep does not apply")
+  for dtype in FLAGS.dtypes:
+    features.check_dtype(dtype)
+  FLAGS.batch_size = platform.resolve_batch_size(FLAGS.batch_size)
+  cache = platform.enable_compilation_cache(FLAGS.compilation_cache_dir)
+  say = Printer()
+  dev = jax.devices()[0]
+  header(say, dev, cache)
+  backbone = random_backbone(FLAGS.backbone, FLAGS.input_size)
+  task = random_task(FLAGS.input_size, FLAGS.train_size, FLAGS.test_size)
+  run = paper_grid if FLAGS.paper else single_target
+  total = run(say, Phases(say), backbone, task)
+  say(
+    f"verdict: ran on {dev.platform} ({dev.device_kind}); protocol for one task"
+    f"{' (the paper grid)' if FLAGS.paper else ''} in {total:.1f} s"
+  )
   if FLAGS.out:
     say.write(FLAGS.out)
 
