@@ -109,6 +109,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # share a bucket reuse the compiled grid programs. The numbers equal the
   # unpadded ones up to float rounding (a wider matmul may sum in another order).
   config.learning.class_buckets = True
+  # The dtype the probes' normalised training features are stored in on the
+  # device: bfloat16 halves the bytes a training step reads (each minibatch is
+  # cast back to float32 before the matmuls); float32 gives the exact numbers.
+  config.learning.feature_dtype = "float32"
 
   fs = config.learning.feature_selection = ml_collections.ConfigDict()
   # connectivity_l2 (the paper's), connectivity_l1, connectivity_linf,

@@ -22,7 +22,7 @@ laptop CPU. The minimum of a step:
   minibatch rows of its kept features (H*B*K) for the forward and the
   backward pass, and read + write each head's kernel and moments (6*K*C).
 
-Float32 throughout. The ratio measured / minimum is what the issue bounds
+Float32 features unless `--feature_dtype=bfloat16`. The ratio measured / minimum is what the issue bounds
 (<= 2x on the paper grid).
 
 XLA's model charges a gather fused into a loop fusion its whole operand: the
@@ -49,6 +49,8 @@ F32 = 4
 # coefficients 1e-3 / 1e-5), stage 2 none (the base learning config's are 0).
 # `--all_penalties` measures programs that compute every penalty, as before.
 PENALIZED_1, PENALIZED_2 = (False, False, True), (False, False, False)
+# learning.feature_dtype: what the steps' minibatches are gathered from (`--feature_dtype`).
+FEATURE_DTYPE = "float32"
 
 
 @contextlib.contextmanager
@@ -76,24 +78,37 @@ def step_bytes(fn, args, steps: int = 4) -> float:
 
 def stage1(dim: int, heads: int, classes: int, n: int, m: int, batch: int) -> tuple[float, float]:
   def fn(steps, x, y, tr, hp, key):
-    spec = probe.TrainSpec(num_classes=classes, training_steps=steps, batch_size=batch, penalized=PENALIZED_1)
+    spec = probe.TrainSpec(
+      num_classes=classes,
+      training_steps=steps,
+      batch_size=batch,
+      penalized=PENALIZED_1,
+      feature_dtype=FEATURE_DTYPE,
+    )
     return stages.train_all_features(x, y, tr, hp, key, spec=spec)
 
   args = (
-    jax.ShapeDtypeStruct((n, dim), jnp.float32),
+    jax.ShapeDtypeStruct((n, dim), FEATURE_DTYPE),  # stage 1 receives its input in the storage dtype
     jax.ShapeDtypeStruct((n,), jnp.int32),
     jax.ShapeDtypeStruct((m,), jnp.int32),
     probe.HParams(*[jax.ShapeDtypeStruct((heads,), jnp.float32)] * 4),
     jax.random.key(0),
   )
-  minimum = F32 * (2 * batch * dim + 2 * batch * dim + 6 * heads * dim * classes)
-  unread = F32 * (n - batch) * dim  # rows of x the minibatch gather is charged but does not read
+  e = jnp.dtype(FEATURE_DTYPE).itemsize
+  minimum = e * (2 * batch * dim + 2 * batch * dim) + F32 * 6 * heads * dim * classes
+  unread = e * (n - batch) * dim  # rows of x the minibatch gather is charged but does not read
   return step_bytes(fn, args), minimum, unread
 
 
 def stage2(dim: int, kept: int, heads: int, classes: int, n: int, m: int, batch: int) -> tuple[float, float]:
   def fn(steps, x, y, tap_of, hp, tr, idx, mask, key):
-    spec = probe.TrainSpec(num_classes=classes, training_steps=steps, batch_size=batch, penalized=PENALIZED_2)
+    spec = probe.TrainSpec(
+      num_classes=classes,
+      training_steps=steps,
+      batch_size=batch,
+      penalized=PENALIZED_2,
+      feature_dtype=FEATURE_DTYPE,
+    )
     return stages.train_kept_features(
       x, y, tap_of, hp, (tr, idx, mask, key), spec=spec, num_taps=50, mode="unit_vector"
     )
@@ -108,8 +123,9 @@ def stage2(dim: int, kept: int, heads: int, classes: int, n: int, m: int, batch:
     jax.ShapeDtypeStruct((heads, kept), jnp.float32),
     jax.random.key(0),
   )
-  minimum = F32 * (2 * heads * batch * kept + 6 * heads * kept * classes)
-  unread = F32 * heads * (m - batch) * kept
+  e = jnp.dtype(FEATURE_DTYPE).itemsize
+  minimum = e * 2 * heads * batch * kept + F32 * 6 * heads * kept * classes
+  unread = e * heads * (m - batch) * kept
   return step_bytes(fn, args), minimum, unread
 
 
@@ -122,11 +138,17 @@ def main() -> None:
   parser.add_argument("--keep", type=float, default=0.2, help="largest keep fraction (stage-2 width)")
   parser.add_argument("--classes", type=int, default=100)
   parser.add_argument("--all_penalties", action="store_true")
+  parser.add_argument("--feature_dtype", default="float32", choices=("float32", "bfloat16"))
   args = parser.parse_args()
+  global FEATURE_DTYPE
+  FEATURE_DTYPE = args.feature_dtype
   if args.all_penalties:
     global PENALIZED_1, PENALIZED_2
     PENALIZED_1 = PENALIZED_2 = (True, True, True)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; batch 128, 1000 examples, 800 per fold")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform}; batch 128, 1000 examples, 800 per fold; "
+    f"features stored in {FEATURE_DTYPE}"
+  )
   print("| program | D | heads | K | bytes/step measured | minimum | ratio | ratio, gather at its B rows |")
   print("|---|---|---|---|---|---|---|---|")
   for dim in (int(d) for d in args.dims.split(",")):

@@ -144,6 +144,7 @@ LEARNING_FIELDS: dict[str, Field] = {
   "data_fraction": Field(_number(float, 0.0, 1.0, low_open=True)),
   "precision": Field(_choice(("highest", "high", "default"))),
   "class_buckets": Field(_boolean),
+  "feature_dtype": Field(_choice(("float32", "bfloat16"))),
   "feature_selection.type": Field(_choice(selection.TYPES)),
   "feature_selection.keep_fraction": Field(_number(float, 0.0, 1.0, low_open=True)),
   "feature_selection.keep_fraction_offset": Field(_number(int, 0)),

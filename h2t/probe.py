@@ -74,6 +74,7 @@ class TrainSpec:
   # masked to 0 in the loss, so they stay 0 and every real column trains
   # exactly as without padding.
   padded_classes: bool = False
+  feature_dtype: str = "float32"  # storage of the features a step gathers (learning.feature_dtype)
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -165,6 +166,7 @@ def spec_from_learning(learning, num_classes: int, program=(), pad_classes: bool
     hidden_trainable=hidden_trainable,
     penalized=tuple(any(float(lr[k]) != 0 for lr in program) for k in keys),
     padded_classes=padded,
+    feature_dtype=str(learning.get("feature_dtype", "float32")),
   )
 
 

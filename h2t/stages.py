@@ -112,16 +112,18 @@ def train_all_features(
   one = assemble(w0, b0, output_layer(jax.random.fold_in(k_init, OUTPUT_LAYER_KEY), spec))
   params = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (num_heads,) + v.shape), one)
   batches = _fold_batches(k_data, train_idx, spec)
+  # `x` may be stored in bfloat16 (`TrainSpec.feature_dtype`): rows are gathered
+  # in it and cast to float32 before any arithmetic (a no-op for float32).
   if per_feature:
-    xt = x[train_idx]
+    xt = x[train_idx].astype(jnp.float32)
     mean, var = xt.mean(axis=0), xt.var(axis=0)
 
     def x_fn(b):
-      return normalize.standardize(x[b], mean, var)
+      return normalize.standardize(x[b].astype(jnp.float32), mean, var)
   else:
 
     def x_fn(b):
-      return x[b]
+      return x[b].astype(jnp.float32)
 
   params, losses = train_heads(params, hp, batches, x_fn, y, spec, groups, num_groups, kernel_head_axis=1)
   return params[first_kernel_name(params)], losses
@@ -199,14 +201,15 @@ def train_kept_features(
   # gathering scattered columns (measured ~20x faster on the CPU).
   xh = jax.vmap(transform_kept, in_axes=(None, 0, 0, None, None, None, None))(
     xt, kept_idx, kept_mask, tap_of, num_taps, mode, stats
-  )
+  ).astype(spec.feature_dtype)
   local = batch_indices(k_data, train_idx.shape[0], spec.training_steps, spec.batch_size)
 
   def x_fn(b):
     # Each head's rows, gathered with the head as a batch dimension of the
     # gather: `xh[:, b, :]` gathered [B, H, K] and then transposed it to
     # [H, B, K], an extra pass over the minibatch every step.
-    return jax.vmap(lambda xk, bk: xk[bk])(xh, jnp.broadcast_to(b, (num_heads,) + b.shape))
+    rows = jax.vmap(lambda xk, bk: xk[bk])(xh, jnp.broadcast_to(b, (num_heads,) + b.shape))
+    return rows.astype(jnp.float32)
 
   params, losses = train_heads(params, hp, local, x_fn, y[train_idx], spec, None, 0)
   return params, losses
@@ -329,8 +332,8 @@ def stage1_scores(
   if sel[0].group_lrp_is_embedding:
     # Groups are whole taps. Unlike the reference, the coefficient applies here too.
     groups, num_groups = prep.tap_of, len(prep.taps)
-  x1 = heads.replicate(prep.unit_vector() if mode == "unit_vector" else prep.x)
   spec = probe.spec_from_learning(sel[0], num_classes, program=sel, pad_classes=pad_classes)
+  x1 = heads.replicate((prep.unit_vector() if mode == "unit_vector" else prep.x).astype(spec.feature_dtype))
   stage1 = jax.vmap(
     functools.partial(
       train_all_features,

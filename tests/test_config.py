@@ -74,6 +74,11 @@ BAD = [
   ),
   ("input_size", {"backbone.input_size": -32}, ["backbone.input_size", "-32"]),
   (
+    "feature_dtype",
+    {"learning.feature_dtype": "float16"},
+    ["learning.feature_dtype", "'float16'", "bfloat16"],
+  ),
+  (
     "finetune_composite",
     {"methods": ("finetune",), "backbone.name": "efficientnet_lite0+efficientnet_lite0"},
     ["finetune", "several"],

@@ -134,6 +134,20 @@ class FitTest(absltest.TestCase):
     np.testing.assert_array_equal(a.params["w"], b.params["w"])
     np.testing.assert_array_equal(a.predict(feats), b.predict(feats))
 
+  def test_bfloat16_feature_storage_trains_the_same_head_closely(self):
+    feats, labels = _toy_task()
+    exact = head2toe.fit(feats, labels, _learning(), seed=2)
+    half = head2toe.fit(feats, labels, _learning(feature_dtype="bfloat16"), seed=2)
+    # bfloat16 keeps 8 bits of mantissa: the informative features still win the
+    # selection, and the weights move by the rounding, not more.
+    self.assertEqual(
+      {t: v.tolist() for t, v in half.kept.items()}, {t: v.tolist() for t, v in exact.kept.items()}
+    )
+    self.assertFalse(np.array_equal(half.params["w"], exact.params["w"]))
+    np.testing.assert_allclose(half.params["w"], exact.params["w"], atol=0.05)
+    test_feats, test_labels = _toy_task(seed=5)
+    self.assertGreater((half.predict(test_feats).argmax(-1) == test_labels).mean(), 0.9)
+
   def test_no_selection_keeps_everything(self):
     feats, labels = _toy_task()
     head = head2toe.fit(feats, labels, _learning(**{"feature_selection.type": "none"}), seed=0)
