@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from bench_common import random_backbone  # experiments/ is on sys.path
 
 from h2t import features
 from h2t.models import common, resnet, vit
@@ -34,22 +35,21 @@ flags.DEFINE_integer("batch_size", 32, "Images per batch.")
 flags.DEFINE_integer("batches", 3, "Timed batches per measurement, after one warm-up batch.")
 flags.DEFINE_integer("target_size", 8192, "Pooling target size per tap.")
 
-# name -> (loader for a real checkpoint, module with random weights, input size)
-_BACKBONES: dict[str, tuple[Callable[..., common.LoadedModel], Callable[[], object], int]] = {
-  "resnet50": (resnet.load, resnet.ResNet, resnet.INPUT_SIZE),
-  "vit_b16": (vit.load, vit.ViT, 224),
+# name -> (loader for a real checkpoint, input size of the random-weight model)
+_BACKBONES: dict[str, tuple[Callable[..., common.LoadedModel], int]] = {
+  "resnet50": (resnet.load, resnet.INPUT_SIZE),
+  "vit_b16": (vit.load, 224),
 }
 
 
 def _model(name: str, checkpoint: str | None):
   """`(module, params, input_size)`: from `checkpoint`, or random weights."""
-  loader, make_module, size = _BACKBONES[name]
+  loader, size = _BACKBONES[name]
   if checkpoint:
     loaded = loader(checkpoint)
     return loaded.module, jax.tree_util.tree_map(jnp.asarray, loaded.params), loaded.input_size
-  module = make_module()
-  params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
-  return module, params, size
+  backbone = random_backbone(name, size)
+  return backbone.module, backbone.params, size
 
 
 def _images_per_second(fns: dict[str, Callable], params, x: jax.Array, batches: int) -> dict[str, float]:

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
+import bench_common  # experiments/ is on sys.path
 from absl import app, flags
-from bench_common import REPO, Printer, load_config  # experiments/ is on sys.path
+from bench_common import Printer, load_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("input_size", 32, "Backbone input size.")
@@ -95,13 +94,8 @@ def child(buckets: str) -> dict:
 
 
 def run_child(buckets: str) -> dict:
-  args = [sys.executable, os.path.abspath(__file__), f"--child={buckets}"]
-  args += [f"--{k}={FLAGS[k].value}" for k in ("input_size", "target_size", "training_steps")]
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
-  if proc.returncode:
-    raise RuntimeError(f"child process failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  flags_ = [f"--{k}={FLAGS[k].value}" for k in ("input_size", "target_size", "training_steps")]
+  return bench_common.run_child(__file__, [f"--child={buckets}", *flags_])
 
 
 def main(argv):

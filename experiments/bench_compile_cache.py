@@ -27,13 +27,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
+import bench_common  # experiments/ is on sys.path
 from absl import app, flags
-from bench_common import REPO, Printer  # experiments/ is on sys.path
+from bench_common import Printer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("input_size", 224, "Backbone input size.")
@@ -96,13 +95,8 @@ def child(cache_dir: str) -> dict:
 
 
 def run_child(cache_dir: str) -> dict:
-  args = [sys.executable, os.path.abspath(__file__), f"--child={cache_dir}"]
-  args += [f"--{k}={FLAGS[k].value}" for k in ("input_size", "batch_size", "target_size", "training_steps")]
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
-  if proc.returncode:
-    raise RuntimeError(f"child process failed:\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  flags_ = [f"--{k}={FLAGS[k].value}" for k in ("input_size", "batch_size", "target_size", "training_steps")]
+  return bench_common.run_child(__file__, [f"--child={cache_dir}", *flags_])
 
 
 def main(argv):

@@ -54,7 +54,6 @@ Accuracies are those of random labels: chance. The device it ran on is printed.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform as host_platform
 import resource
@@ -62,17 +61,15 @@ import time
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from bench_common import Printer, load_config  # noqa: F401 -- experiments/ is on sys.path
+from bench_common import Printer, load_config, random_backbone  # experiments/ is on sys.path
 
 from h2t import backbones, evaluate, features, grid, head2toe, platform, streaming
 from h2t import config as config_lib
 from h2t import methods as methods_lib
 from h2t.data import base
-from h2t.models import common, resnet, vit
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
@@ -130,42 +127,6 @@ def random_task(size: int, train_size: int, test_size: int, seed: int = 0) -> ba
       yield pool[idx], y[start : start + batch_size]
 
   return base.Task("random_vtab1k", NUM_CLASSES, {k: len(v) for k, v in labels.items()}, read)
-
-
-def random_backbone(name: str, input_size: int) -> backbones.Backbone:
-  """ResNet-50 or ViT-B/16 with `module.init` weights, as an h2t backbone (the taps and normalisation of
-  `h2t.backbones.create`'s, which loads them from checkpoints)."""
-  if name == "resnet50":
-    module, normalization, taps = resnet.ResNet(), common.IMAGENET, resnet.tap_names()
-  else:
-    module = vit.ViT()  # B/16: patch 16, width 768, 12 blocks, 12 heads, MLP 3072
-    normalization, taps = common.MINUS_ONE_ONE, vit.tap_names(module.depth)
-  params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, input_size, input_size, 3)))["params"]
-  return backbones.Backbone(
-    name=name,
-    module=module,
-    params=params,
-    input_size=input_size,
-    normalization=normalization,
-    tap_names=taps,
-    checkpoint_id="random-init:0",
-  )
-
-
-def learning_config(
-  steps: int | None, sweep: str | None, variant: str | None = None
-) -> ml_collections.ConfigDict:
-  """configs/vtab.py's config (`variant`: e.g. 'paper') with the given steps (None: its own) and sweep."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("vtab_config", os.path.join(repo, "configs", "vtab.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
-  if steps is not None:
-    config.learning.training_steps = steps
-  if sweep is not None:
-    config.sweep = sweep
-  return config
 
 
 def paper_sweep(config: ml_collections.ConfigDict, replace: dict[str, list[str]]) -> str:
@@ -284,7 +245,10 @@ def header(say: Printer, dev, cache: str | None) -> None:
 
 def single_target(say: Printer, phase: Phases, backbone: backbones.Backbone, task: base.Task) -> float:
   """Phases 0-4 at one target size (`--target_size`), every dtype cold and warm; returns the protocol's total."""
-  config = learning_config(FLAGS.training_steps, FLAGS.sweep)
+  config = load_config()
+  config.learning.training_steps = FLAGS.training_steps
+  if FLAGS.sweep is not None:
+    config.sweep = FLAGS.sweep
   config.backbone.batch_size = FLAGS.batch_size
   points = grid.points(config)
   learnings = [cfg.learning for _, cfg in points]
@@ -376,7 +340,7 @@ def paper_grid(say: Printer, phase: Phases, backbone: backbones.Backbone, task: 
   `h2t.evaluate`'s own phases on a `Context` holding those features.
   """
   dtype = FLAGS.dtypes[0]
-  config = learning_config(None, None, "paper")
+  config = load_config("paper")
   replace = dict(SMOKE_PAPER) if FLAGS.smoke else {}
   replace.update({TARGET_SIZE: FLAGS.paper_target_sizes} if FLAGS.paper_target_sizes else {})
   replace.update({TRAINING_STEPS: FLAGS.paper_training_steps} if FLAGS.paper_training_steps else {})
@@ -438,7 +402,7 @@ def paper_grid(say: Printer, phase: Phases, backbone: backbones.Backbone, task: 
     lambda h, s: f"{h['head2toe'].num_features} features kept from {len(h['head2toe'].kept)} taps",
   )
   cfg = ctx.points[chosen["head2toe"]][1]
-  taps = {"head2toe": evaluate.resolve_taps(backbone, cfg.backbone)}  # the training extraction's program
+  taps = evaluate.training_taps(ctx, chosen, heads)
   phase(
     f"test_{int(cfg.backbone.additional_features_target_size)}",
     lambda: streaming.stream_test(ctx.backbones.values(), task, heads, FLAGS.batch_size, taps)["head2toe"],

@@ -76,22 +76,31 @@ def step_bytes(fn, args, steps: int = 4) -> float:
   return costs[1] - costs[0]
 
 
-def stage1(dim: int, heads: int, classes: int, n: int, m: int, batch: int) -> tuple[float, float]:
+def train_spec(classes: int, steps: int, batch: int, penalized: tuple[bool, bool, bool]) -> probe.TrainSpec:
+  return probe.TrainSpec(
+    num_classes=classes,
+    training_steps=steps,
+    batch_size=batch,
+    penalized=penalized,
+    feature_dtype=FEATURE_DTYPE,
+  )
+
+
+def hparams(heads: int) -> probe.HParams:
+  """`[heads]` hyperparameter shapes."""
+  return probe.HParams(*[jax.ShapeDtypeStruct((heads,), jnp.float32)] * 4)
+
+
+def stage1(dim: int, heads: int, classes: int, n: int, m: int, batch: int) -> tuple[float, float, float]:
   def fn(steps, x, y, tr, hp, key):
-    spec = probe.TrainSpec(
-      num_classes=classes,
-      training_steps=steps,
-      batch_size=batch,
-      penalized=PENALIZED_1,
-      feature_dtype=FEATURE_DTYPE,
-    )
+    spec = train_spec(classes, steps, batch, PENALIZED_1)
     return stages.train_all_features(x, y, tr, hp, key, spec=spec)
 
   args = (
     jax.ShapeDtypeStruct((n, dim), FEATURE_DTYPE),  # stage 1 receives its input in the storage dtype
     jax.ShapeDtypeStruct((n,), jnp.int32),
     jax.ShapeDtypeStruct((m,), jnp.int32),
-    probe.HParams(*[jax.ShapeDtypeStruct((heads,), jnp.float32)] * 4),
+    hparams(heads),
     jax.random.key(0),
   )
   e = jnp.dtype(FEATURE_DTYPE).itemsize
@@ -100,15 +109,11 @@ def stage1(dim: int, heads: int, classes: int, n: int, m: int, batch: int) -> tu
   return step_bytes(fn, args), minimum, unread
 
 
-def stage2(dim: int, kept: int, heads: int, classes: int, n: int, m: int, batch: int) -> tuple[float, float]:
+def stage2(
+  dim: int, kept: int, heads: int, classes: int, n: int, m: int, batch: int
+) -> tuple[float, float, float]:
   def fn(steps, x, y, tap_of, hp, tr, idx, mask, key):
-    spec = probe.TrainSpec(
-      num_classes=classes,
-      training_steps=steps,
-      batch_size=batch,
-      penalized=PENALIZED_2,
-      feature_dtype=FEATURE_DTYPE,
-    )
+    spec = train_spec(classes, steps, batch, PENALIZED_2)
     return stages.train_kept_features(
       x, y, tap_of, hp, (tr, idx, mask, key), spec=spec, num_taps=50, mode="unit_vector"
     )
@@ -117,7 +122,7 @@ def stage2(dim: int, kept: int, heads: int, classes: int, n: int, m: int, batch:
     jax.ShapeDtypeStruct((n, dim), jnp.float32),
     jax.ShapeDtypeStruct((n,), jnp.int32),
     jax.ShapeDtypeStruct((dim,), jnp.int32),
-    probe.HParams(*[jax.ShapeDtypeStruct((heads,), jnp.float32)] * 4),
+    hparams(heads),
     jax.ShapeDtypeStruct((m,), jnp.int32),
     jax.ShapeDtypeStruct((heads, kept), jnp.int32),
     jax.ShapeDtypeStruct((heads, kept), jnp.float32),

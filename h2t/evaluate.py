@@ -337,6 +337,13 @@ def _header(ctx: Context) -> dict[str, Any]:
   return results
 
 
+def training_taps(ctx, chosen: dict[str, int], names) -> dict[str, tuple[str, ...]]:
+  """`{method: the taps its chosen point's training features were extracted with}`: the test pass
+  (`stream_test`) extracts them too, so it runs the program the training extraction compiled."""
+  cfgs = {name: ctx.points[chosen[name]][1] for name in names}
+  return {name: resolve_taps(ctx.backbone(cfg), cfg.backbone) for name, cfg in cfgs.items()}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict[str, Any]:
   """Runs the protocol on one task and writes the workdir.
 
@@ -361,11 +368,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, writer=None) -> dict
     chosen = cross_validate(ctx, results)
     heads = fit_chosen(ctx, chosen, results) if config.eval_mode == "test" else {}
     if heads:  # fine-tuning alone streams its own test set
-      # The training extraction's taps: the test pass runs the program that pass compiled.
-      taps = {}
-      for name in heads:
-        cfg = ctx.points[chosen[name]][1]
-        taps[name] = resolve_taps(ctx.backbone(cfg), cfg.backbone)
+      taps = training_taps(ctx, chosen, heads)
       with ctx.timed("test"):
         test_acc = stream_test(ctx.backbones.values(), ctx.task, heads, int(config.backbone.batch_size), taps)
       results["test_images_per_s"] = ctx.task.size("test") / ctx.timings["test"]
