@@ -1,4 +1,4 @@
-"""head2toe_plus: Head2Toe's selection, its probe plus a closed-form ridge solution, chosen by CV."""
+"""head2toe_plus: Head2Toe's selection; its probe plus ridge, or LDA on ridge's scores, chosen by CV."""
 
 import os
 
@@ -18,6 +18,15 @@ def _features(n: int = 200, seed: int = 0) -> tuple[dict[str, np.ndarray], np.nd
   labels = rng.integers(0, 3, size=n).astype(np.int32)
   feats = {f"t{i}": rng.normal(size=(n, 40)).astype(np.float32) for i in range(3)}
   feats["t1"][:, :4] += 2.0 * np.eye(3)[labels] @ rng.normal(size=(3, 4)).astype(np.float32)
+  return feats, labels
+
+
+def _ordered(n: int = 300, seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+  """Five classes in order along 4 features of tap t1: ridge's argmax masks the middle ones."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 5, size=n).astype(np.int32)
+  feats = {f"t{i}": rng.normal(size=(n, 40)).astype(np.float32) for i in range(3)}
+  feats["t1"][:, :4] = labels[:, None] + 0.3 * feats["t1"][:, :4]
   return feats, labels
 
 
@@ -55,16 +64,89 @@ class PlusTest(parameterized.TestCase):
     learnings = plus.grid_learnings(_learning())
     acc = np.zeros((len(learnings), len(ridge.L2_REGS), len(plus.BETAS)))
     acc[1, 3, 2] = acc[1, 4, 5] = 0.9
-    point, choice = plus.choose(acc, learnings)
-    self.assertEqual(point, 1)
+    point, l2_index, choice = plus.choose(acc, learnings)
+    self.assertEqual((point, l2_index), (1, 3))
+    self.assertFalse(choice.discriminant)
     self.assertEqual(choice.keep_fraction, 0.15)
     self.assertEqual(choice.l2_reg, ridge.L2_REGS[3])
     self.assertEqual(choice.beta, plus.BETAS[2])
     self.assertEqual(choice.cv_accuracy, 0.9)
 
+  def test_discriminant_reads_out_the_classes_ridge_masks(self):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=600)
+    x = np.concatenate([labels[:, None] + 0.15 * rng.normal(size=(600, 1)), rng.normal(size=(600, 20))], 1)
+    r = ridge.Solver(x, labels, 5).params(1.0, dtype=np.float64)
+    z = x @ r["w"] + r["b"]
+    self.assertLess((z.argmax(1) == labels).mean(), 0.7)  # the middle classes are rarely the largest score
+    head = plus.compose(r, plus.discriminant(z, labels, 5))
+    pred = (x @ head["w"] + head["b"]).argmax(1)
+    self.assertGreater((pred == labels).mean(), 0.95)
+    self.assertEqual(head["w"].dtype, np.float32)
+
+  def test_discriminant_is_the_gaussian_posterior(self):
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(3), [10, 20, 30])
+    s = rng.normal(size=(60, 4)) + 2.0 * np.eye(3, 4)[labels]
+    lda = plus.discriminant(s, labels, 3)
+    means = np.stack([s[labels == c].mean(0) for c in range(3)])
+    resid = s - means[labels]
+    cov = resid.T @ resid / (60 - 3)
+    cov += plus.LDA_SHRINKAGE * np.trace(cov) / 4 * np.eye(4)
+    inv = np.linalg.inv(cov)
+    diff = s[:, None, :] - means[None]
+    log_density = -0.5 * np.einsum("ncd,de,nce->nc", diff, inv, diff) + np.log([10 / 60, 20 / 60, 30 / 60])
+    gap = (s @ lda["w"] + lda["b"]) - log_density  # the x^T inv x term: the same for every class
+    np.testing.assert_allclose(gap - gap[:, :1], 0.0, atol=1e-9)
+
+  def test_discriminant_never_predicts_a_class_without_examples(self):
+    rng = np.random.default_rng(3)
+    labels = rng.choice([0, 2], size=40)
+    lda = plus.discriminant(rng.normal(size=(40, 3)), labels, 3)
+    self.assertTrue(np.all(lda["w"][:, 1] == 0.0))
+    z = rng.normal(size=(100, 3)) * 50 @ lda["w"] + lda["b"]
+    self.assertNotIn(1, z.argmax(1))
+
+  def test_choose_reads_the_last_column_as_the_discriminant(self):
+    learnings = plus.grid_learnings(_learning())
+    acc = np.zeros((len(learnings), len(ridge.L2_REGS), len(plus.BETAS) + 1))
+    acc[0, 2, len(plus.BETAS)] = 0.7
+    point, l2_index, choice = plus.choose(acc, learnings)
+    self.assertEqual((point, l2_index), (0, 2))
+    self.assertTrue(choice.discriminant)
+    self.assertTrue(np.isinf(choice.beta))
+    self.assertEqual(choice.to_dict()["beta"], "inf")
+
+  def test_fit_chooses_the_discriminant_where_ridge_masks_classes(self):
+    feats, labels = _ordered()
+    learning = _learning()
+    # Per-feature z-scores keep the classes on a line (unit vectors per tap would bend it).
+    learning.feature_normalization = "per_feature"
+    with absltest.mock.patch.object(plus, "BETAS", (np.inf,)):  # ridge alone or its discriminant
+      head = plus.fit(feats, labels, learning, seed=3, num_classes=5)
+    choice = head.meta.extra["own_cv"]["chosen"]
+    self.assertTrue(choice["discriminant"])
+    self.assertGreater(head.meta.extra["own_cv"]["cv_accuracy"], 0.9)
+    test_feats, test_labels = _ordered(seed=1)
+    self.assertGreater((_logits(head, test_feats).argmax(1) == test_labels).mean(), 0.9)
+    # The head is ridge's on the kept features followed by a C x C map: w = W_ridge M.
+    learning.feature_selection.keep_fraction = choice["keep_fraction"]
+    learning.feature_selection.learning_config_overwrite.group_lrp_regularizer_coef = choice["coef"]
+    probe_head = head2toe.fit(feats, labels, learning, seed=3, num_classes=5)
+    xk = np.asarray(probe_head.transform(feats), np.float64)
+    r = ridge.Solver(xk, labels, 5).params(choice["l2_reg"], dtype=np.float64)
+    self.assertLess(((xk @ r["w"] + r["b"]).argmax(1) == labels).mean(), 0.8)
+    m = np.linalg.lstsq(r["w"], head.params["w"].astype(np.float64), rcond=None)[0]
+    np.testing.assert_allclose(
+      r["w"] @ m, head.params["w"], rtol=1e-3, atol=1e-4 * np.abs(head.params["w"]).max()
+    )
+
   def test_with_beta_zero_it_is_head2toe(self):
     feats, labels = _features()
-    with absltest.mock.patch.object(plus, "BETAS", (0.0,)):
+    with (
+      absltest.mock.patch.object(plus, "BETAS", (0.0,)),
+      absltest.mock.patch.object(plus, "DISCRIMINANT", False),
+    ):
       head = plus.fit(feats, labels, _learning(), seed=3, num_classes=3)
     choice = head.meta.extra["own_cv"]["chosen"]
     self.assertEqual(choice["beta"], 0.0)
@@ -83,7 +165,8 @@ class PlusTest(parameterized.TestCase):
     feats, labels = _features()
     learning = _learning()
     learning.feature_normalization = normalization
-    head = plus.fit(feats, labels, learning, seed=3, num_classes=3)
+    with absltest.mock.patch.object(plus, "DISCRIMINANT", False):  # test_fit_chooses_the_discriminant...
+      head = plus.fit(feats, labels, learning, seed=3, num_classes=3)
     choice = head.meta.extra["own_cv"]["chosen"]
     # The classes are separable by the planted features.
     self.assertGreater(head.meta.extra["own_cv"]["cv_accuracy"], 0.8)
