@@ -216,7 +216,7 @@ def _errors(config: ml_collections.ConfigDict) -> list[str]:
     head_type = get(config, "learning.output_head_type", "nohidden")
     if head_type != "nohidden":
       out.append(
-        f"config.methods includes 'head2toe_plus', which adds a ridge solution to a linear head, but "
+        f"config.methods includes 'head2toe_plus', which builds one linear head, but "
         f"config.learning.output_head_type={head_type!r}: use 'nohidden' or drop 'head2toe_plus'"
       )
     if get(config, "learning.feature_selection.fs_dataset", ""):
