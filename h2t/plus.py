@@ -223,7 +223,7 @@ def cross_validate(
           z_ridge = xk[va] @ r["w"] + r["b"]
           oof[p, k, va] = z_ridge
           acc[p, k, :num_betas] += _blend_accuracy(z_probe, z_ridge, labels[va])
-    for p in members if DISCRIMINANT else ():
+    for p in members:
       for k in range(len(ridge.L2_REGS)):
         for tr, va in splits:
           lda = discriminant(oof[p, k, tr], labels[tr], num_classes)
