@@ -10,7 +10,7 @@ Every method reads the same cached training features and the same 5 folds:
 | linear | each backbone's `pre_logits` | selection off | yes | probe |
 | all_features | every tap | selection off (its L1/L2/group penalties) | yes | probe |
 | ridge | every tap | selection off; its L2 by its own CV | no | closed form |
-| head2toe_plus | every tap | Head2Toe's selection over its own grid, by its own CV | no | probe + ridge, or LDA on ridge |
+| head2toe_plus | every tap | Head2Toe's selection over its own grid, by its own CV | no | probe, ridge or LDA on ridge |
 | finetune | backbone + head on `pre_logits` | fine-tuning multipliers | no (too costly) | end to end |
 """
 

@@ -1,4 +1,4 @@
-"""head2toe_plus: Head2Toe's selection; its probe plus ridge, or LDA on ridge's scores, chosen by CV."""
+"""head2toe_plus: Head2Toe's selection; its probe, ridge, or LDA on ridge's scores, chosen by CV."""
 
 import os
 
@@ -7,7 +7,7 @@ from absl.testing import absltest, parameterized
 
 import configs.vtab as vtab_config
 from h2t import config as config_lib
-from h2t import head2toe, plus, ridge
+from h2t import head2toe, inputs, plus, ridge
 from h2t.head import Head
 from tests import toy
 
@@ -48,29 +48,47 @@ class PlusTest(parameterized.TestCase):
     for name, value in (("COEFS", (1e-4,)), ("KEEP_FRACTIONS", (0.05, 0.15))):
       self.enter_context(absltest.mock.patch.object(plus, name, value))
 
-  def test_blend_is_the_sum_of_the_two_heads(self):
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(7, 5))
-    p = {"w": rng.normal(size=(5, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
-    r = {"w": rng.normal(size=(5, 3)), "b": rng.normal(size=3)}
-    for beta in (0.0, 4.0):
-      h = plus.blend(p, r, beta)
-      np.testing.assert_allclose(
-        x @ h["w"] + h["b"], (x @ p["w"] + p["b"]) + beta * (x @ r["w"] + r["b"]), rtol=1e-5, atol=1e-5
-      )
-    np.testing.assert_array_equal(plus.blend(p, r, np.inf)["w"], r["w"].astype(np.float32))
-
   def test_choose_takes_the_best_and_the_first_on_ties(self):
     learnings = plus.grid_learnings(_learning())
-    acc = np.zeros((len(learnings), len(ridge.L2_REGS), len(plus.BETAS)))
-    acc[1, 3, 2] = acc[1, 4, 5] = 0.9
+    acc = np.zeros((len(learnings), len(ridge.L2_REGS), len(plus.READOUTS)))
+    acc[1, 3, 1] = acc[1, 4, 2] = 0.9
     point, l2_index, choice = plus.choose(acc, learnings)
     self.assertEqual((point, l2_index), (1, 3))
-    self.assertFalse(choice.discriminant)
+    self.assertEqual(choice.readout, "ridge")
     self.assertEqual(choice.keep_fraction, 0.15)
     self.assertEqual(choice.l2_reg, ridge.L2_REGS[3])
-    self.assertEqual(choice.beta, plus.BETAS[2])
     self.assertEqual(choice.cv_accuracy, 0.9)
+    # The probe's accuracy is the same at every penalty; a tie at its point goes to it.
+    acc[1, :, 0] = 0.9
+    _, _, choice = plus.choose(acc, learnings)
+    self.assertEqual(choice.readout, "probe")
+    self.assertIsNone(choice.l2_reg)
+    self.assertEqual(
+      choice.to_dict(), {"coef": 1e-4, "keep_fraction": 0.15, "readout": "probe", "l2_reg": None}
+    )
+
+  def test_choose_names_the_discriminant(self):
+    learnings = plus.grid_learnings(_learning())
+    acc = np.zeros((len(learnings), len(ridge.L2_REGS), len(plus.READOUTS)))
+    acc[0, 2, plus.READOUTS.index("discriminant")] = 0.7
+    point, l2_index, choice = plus.choose(acc, learnings)
+    self.assertEqual((point, l2_index), (0, 2))
+    self.assertEqual(choice.readout, "discriminant")
+    self.assertEqual(choice.to_dict()["l2_reg"], ridge.L2_REGS[2])
+
+  def test_cv_probe_column_is_head2toes_cv(self):
+    feats, labels = _features()
+    learning = _learning()
+    prep, labels, _ = inputs.fit_inputs(feats, labels, learning, 3)
+    learnings = plus.grid_learnings(learning)
+    cv = plus.cross_validate(prep, labels, learnings, seed=3, num_classes=3)
+    self.assertEqual(cv.accuracy.shape, (len(learnings), len(ridge.L2_REGS), len(plus.READOUTS)))
+    probe = cv.accuracy[..., plus.READOUTS.index("probe")]
+    np.testing.assert_array_equal(probe, np.broadcast_to(probe[:, :1], probe.shape))
+    reference = head2toe.cross_validate(prep, labels, learnings, seed=3, num_classes=3).mean(axis=1)
+    np.testing.assert_allclose(probe[:, 0], reference, atol=1e-9)
+    # Ridge's column is its own: it moves with the penalty.
+    self.assertGreater(np.ptp(cv.accuracy[..., plus.READOUTS.index("ridge")]), 0.0)
 
   def test_discriminant_reads_out_the_classes_ridge_masks(self):
     rng = np.random.default_rng(0)
@@ -107,25 +125,15 @@ class PlusTest(parameterized.TestCase):
     z = rng.normal(size=(100, 3)) * 50 @ lda["w"] + lda["b"]
     self.assertNotIn(1, z.argmax(1))
 
-  def test_choose_reads_the_last_column_as_the_discriminant(self):
-    learnings = plus.grid_learnings(_learning())
-    acc = np.zeros((len(learnings), len(ridge.L2_REGS), len(plus.BETAS) + 1))
-    acc[0, 2, len(plus.BETAS)] = 0.7
-    point, l2_index, choice = plus.choose(acc, learnings)
-    self.assertEqual((point, l2_index), (0, 2))
-    self.assertTrue(choice.discriminant)
-    self.assertTrue(np.isinf(choice.beta))
-    self.assertEqual(choice.to_dict()["beta"], "inf")
-
   def test_fit_chooses_the_discriminant_where_ridge_masks_classes(self):
     feats, labels = _ordered(n=303)  # not a multiple of the 5 folds: 3 examples are never validated
     learning = _learning()
     # Per-feature z-scores keep the classes on a line (unit vectors per tap would bend it).
     learning.feature_normalization = "per_feature"
-    with absltest.mock.patch.object(plus, "BETAS", (np.inf,)):  # ridge alone or its discriminant
+    with absltest.mock.patch.object(plus, "READOUTS", ("ridge", "discriminant")):
       head = plus.fit(feats, labels, learning, seed=3, num_classes=5)
     choice = head.meta.extra["own_cv"]["chosen"]
-    self.assertTrue(choice["discriminant"])
+    self.assertEqual(choice["readout"], "discriminant")
     self.assertGreater(head.meta.extra["own_cv"]["cv_accuracy"], 0.9)
     test_feats, test_labels = _ordered(seed=1)
     self.assertGreater((_logits(head, test_feats).argmax(1) == test_labels).mean(), 0.9)
@@ -141,15 +149,12 @@ class PlusTest(parameterized.TestCase):
       r["w"] @ m, head.params["w"], rtol=1e-3, atol=1e-4 * np.abs(head.params["w"]).max()
     )
 
-  def test_with_beta_zero_it_is_head2toe(self):
+  def test_with_the_probe_readout_it_is_head2toe(self):
     feats, labels = _features()
-    with (
-      absltest.mock.patch.object(plus, "BETAS", (0.0,)),
-      absltest.mock.patch.object(plus, "DISCRIMINANT", False),
-    ):
+    with absltest.mock.patch.object(plus, "READOUTS", ("probe",)):
       head = plus.fit(feats, labels, _learning(), seed=3, num_classes=3)
     choice = head.meta.extra["own_cv"]["chosen"]
-    self.assertEqual(choice["beta"], 0.0)
+    self.assertEqual((choice["readout"], choice["l2_reg"]), ("probe", None))
     learning = _learning()
     learning.feature_selection.keep_fraction = choice["keep_fraction"]
     learning.feature_selection.learning_config_overwrite.group_lrp_regularizer_coef = choice["coef"]
@@ -161,26 +166,23 @@ class PlusTest(parameterized.TestCase):
     np.testing.assert_array_equal(head.params["b"], reference.params["b"])
 
   @parameterized.parameters("unit_vector", "per_feature")
-  def test_head_adds_ridge_on_the_kept_features(self, normalization):
+  def test_ridge_readout_is_ridge_on_the_kept_features(self, normalization):
     feats, labels = _features()
     learning = _learning()
     learning.feature_normalization = normalization
-    with absltest.mock.patch.object(plus, "DISCRIMINANT", False):  # test_fit_chooses_the_discriminant...
+    with absltest.mock.patch.object(plus, "READOUTS", ("ridge",)):
       head = plus.fit(feats, labels, learning, seed=3, num_classes=3)
     choice = head.meta.extra["own_cv"]["chosen"]
+    self.assertEqual(choice["readout"], "ridge")
     # The classes are separable by the planted features.
     self.assertGreater(head.meta.extra["own_cv"]["cv_accuracy"], 0.8)
     learning.feature_selection.keep_fraction = choice["keep_fraction"]
     learning.feature_selection.learning_config_overwrite.group_lrp_regularizer_coef = choice["coef"]
     probe_head = head2toe.fit(feats, labels, learning, seed=3, num_classes=3)
-    # The ridge part, solved here from the kept features as the head reads them.
+    # Ridge solved here from the kept features as the head reads them.
     xk = np.asarray(probe_head.transform(feats), np.float64)
     r = ridge.Solver(xk, labels, 3).params(choice["l2_reg"], dtype=np.float64)
-    beta = np.inf if choice["beta"] == "inf" else choice["beta"]
-    want = (
-      (xk @ r["w"] + r["b"]) if np.isinf(beta) else _logits(probe_head, feats) + beta * (xk @ r["w"] + r["b"])
-    )
-    np.testing.assert_allclose(_logits(head, feats), want, rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(_logits(head, feats), xk @ r["w"] + r["b"], rtol=2e-4, atol=2e-4)
     self.assertEqual(head.num_features, probe_head.num_features)
     self.assertGreater((_logits(head, feats).argmax(1) == labels).mean(), 0.9)
 
@@ -214,7 +216,8 @@ class PlusMainTest(toy.TempDirTestCase):
     self.assertGreater(r["test_accuracy"], 0.3)
     head = Head.load(os.path.join(workdir, "head_head2toe_plus.npz"))
     self.assertEqual(head.num_features, r["num_kept"])
-    self.assertEqual(head.meta.extra["own_cv"]["chosen"]["beta"], r["chosen_point"]["beta"])
+    self.assertIn(r["chosen_point"]["readout"], plus.READOUTS)
+    self.assertEqual(head.meta.extra["own_cv"]["chosen"], r["chosen_point"])
 
 
 if __name__ == "__main__":
