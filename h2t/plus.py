@@ -41,8 +41,9 @@ An earlier version also offered blends, the probe's logits plus `beta` x
 ridge's for `beta` in (1, 4, 16, 64). They won the CV on digits and
 Fashion-MNIST and lost on test: over 3 seeds the CV's pick scored 0.21 points
 below the pick among the three readouts above on both tasks
-(`experiments/results/beyond_paper_readouts.md`). With 200 more candidates
-of near-equal accuracy, the largest CV score is more often a lucky one.
+(`experiments/results/beyond_paper_readouts.md`). With 416 more candidates
+(632 in all), many of near-equal accuracy, the largest CV score is more
+often a lucky one.
 """
 
 from __future__ import annotations
