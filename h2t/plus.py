@@ -1,4 +1,4 @@
-"""'head2toe_plus': Head2Toe's selection with a head that may be ridge in closed form. Beyond the paper.
+"""'head2toe_plus': Head2Toe's selection, then the head its CV picks (probe, ridge, LDA on ridge).
 
     head = h2t.plus.fit(features, labels, learning, seed=8, num_classes=10)
 
@@ -7,10 +7,10 @@ fresh cross-entropy probe on them (500 Adam steps). On our offline tasks a
 closed-form ridge probe (`h2t.ridge`) on all features beats it where classes
 are linearly separable (digits, Fashion-MNIST), and loses badly where the
 cross-entropy probe is the better estimator (counting shapes; ridge 37% vs
-Head2Toe 45%). This method keeps Head2Toe's one pass of extraction, its
-selection and its small linear head, and lets the 5-fold CV choose, per
-task, among three readouts (`READOUTS`) of the kept (renormalised) features
-`x_kept`:
+Head2Toe 45%). This method, beyond the paper, keeps Head2Toe's one pass of
+extraction, its selection and its small linear head, and lets the 5-fold CV
+choose, per task, among three readouts (`READOUTS`) of the kept
+(renormalised) features `x_kept`:
 
     probe:         logits = x_kept W_probe + b_probe                 (Head2Toe's head)
     ridge:         logits = x_kept W_ridge + b_ridge
